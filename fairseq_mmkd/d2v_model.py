@@ -1,0 +1,119 @@
+"""A data2vec 2.0 encoder for inference: modality encoder + shared transformer blocks.
+
+This is the teacher side of distillation and the target of student export. It reproduces fairseq's
+``Data2VecMultiModel`` forward without masking (the ``features_only`` path for the online weights, the
+EMA-teacher path for ``_ema`` weights; both are the same computation) and exposes every intermediate that
+distillation needs. Sizes come from the checkpoint (``D2vConfig.from_fairseq``), never from constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .encoders import get_encoder_class
+from .layers import Block
+from .targets import TargetConfig, make_targets
+
+
+@dataclass
+class D2vConfig:
+    """Architecture of a data2vec2 encoder (the fields of fairseq's ``cfg.model`` that matter here)."""
+
+    modality: str = "image"
+    embed_dim: int = 768
+    depth: int = 10
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    norm_affine: bool = True
+    layer_norm_first: bool = False
+    end_of_block_targets: bool = False
+    encoder: Any = None  # the modality encoder's Config; None means its defaults
+    targets: TargetConfig = field(default_factory=TargetConfig)
+
+    def __post_init__(self):
+        if self.encoder is None:
+            self.encoder = get_encoder_class(self.modality).Config()
+
+    @classmethod
+    def from_fairseq(cls, model_cfg: dict, modality: str = "image") -> "D2vConfig":
+        """Build from a checkpoint's ``cfg['model']`` (a plain dict)."""
+        return cls(
+            modality=modality,
+            embed_dim=int(model_cfg.get("embed_dim", 768)),
+            depth=int(model_cfg.get("depth", 8)),
+            num_heads=int(model_cfg.get("num_heads", 12)),
+            mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)),
+            norm_eps=float(model_cfg.get("norm_eps", 1e-6)),
+            norm_affine=bool(model_cfg.get("norm_affine", True)),
+            layer_norm_first=bool(model_cfg.get("layer_norm_first", False)),
+            end_of_block_targets=bool(model_cfg.get("end_of_block_targets", False)),
+            encoder=get_encoder_class(modality).config_from_fairseq(model_cfg),
+            targets=TargetConfig.from_fairseq(model_cfg),
+        )
+
+    def make_block(self, drop_path: float = 0.0, preln_upstream_quirk: bool = True) -> Block:
+        return Block(self.embed_dim, self.num_heads, self.mlp_ratio, norm_eps=self.norm_eps,
+                     norm_affine=self.norm_affine, layer_norm_first=self.layer_norm_first,
+                     ffn_targets=not self.end_of_block_targets, drop_path=drop_path,
+                     preln_upstream_quirk=preln_upstream_quirk)
+
+
+class D2vModel(nn.Module):
+    """data2vec2 encoder: ``encoder`` (modality-specific), ``blocks`` (shared), ``norm`` (pre-LN only).
+
+    Calling it on a batch (for images: normalised ``[B, C, H, W]``) returns a dict:
+        ``encoder_out``: ``[B, T, D]``, the sequence entering the first shared block (extra tokens first).
+        ``layer_results``: per shared block ``[B, T, D]``, what data2vec2 builds targets from (FFN output,
+            or block output with ``end_of_block_targets``), extra tokens included.
+        ``block_out``: per shared block, the residual stream after the block.
+        ``x``: final features, ``block_out[-1]`` followed by the final LayerNorm of pre-LN models
+            (what fairseq's ``extract_features`` returns, extra tokens included).
+    """
+
+    def __init__(self, cfg: D2vConfig):
+        super().__init__()
+        self.cfg = cfg
+        make_block = partial(cfg.make_block, preln_upstream_quirk=True)
+        self.encoder = get_encoder_class(cfg.modality)(
+            cfg.encoder, cfg.embed_dim, make_block, norm_eps=cfg.norm_eps, norm_affine=cfg.norm_affine,
+            layer_norm_first=cfg.layer_norm_first)
+        self.blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
+        self.norm = (nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+                     if cfg.layer_norm_first else None)
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return self.encoder.num_extra_tokens
+
+    def forward_blocks(self, x: torch.Tensor) -> dict:
+        """Run the shared blocks on an encoder output; see the class docstring for the keys."""
+        layer_results, block_out = [], []
+        for blk in self.blocks:
+            x, target = blk(x)
+            layer_results.append(target)
+            block_out.append(x)
+        final = self.norm(x) if self.norm is not None else x
+        return {"layer_results": layer_results, "block_out": block_out, "x": final}
+
+    def forward(self, source: torch.Tensor) -> dict:
+        encoder_out = self.encoder(source)
+        return {"encoder_out": encoder_out, **self.forward_blocks(encoder_out)}
+
+    def make_targets(self, layer_results: Sequence[torch.Tensor], include_extra_tokens: bool = False,
+                     cfg: Optional[TargetConfig] = None, **overrides) -> torch.Tensor:
+        """data2vec2 targets from ``layer_results`` (fp32 ``[B, T', D]``).
+
+        Defaults to the checkpoint's own target settings; ``cfg`` or keyword ``overrides`` (any
+        ``TargetConfig`` field) change them. Extra tokens are dropped first, as data2vec2 does, unless
+        ``include_extra_tokens`` is set (then the per-layer norms see them too).
+        """
+        cfg = replace(cfg or self.cfg.targets, **overrides)
+        if not include_extra_tokens:
+            n = self.num_extra_tokens
+            layer_results = [y[:, n:] for y in layer_results]
+        return make_targets(layer_results, cfg)

@@ -1,0 +1,1 @@
+"""Registers the plugin's fairseq components (task, model, criterion) by importing them."""

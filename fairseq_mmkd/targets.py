@@ -1,0 +1,67 @@
+"""data2vec 2.0 contextualised targets: normalise the top-k per-layer outputs, average, normalise again.
+
+Same recipe and order as fairseq's ``Data2VecMultiModel.make_targets``; always computed in fp32. Norms
+use eps 1e-5 and no affine parameters, as upstream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TargetConfig:
+    """How targets are built from per-layer outputs (defaults: data2vec2's base image recipe)."""
+
+    average_top_k_layers: int = 10
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    batch_norm_target_layer: bool = False
+    layer_norm_targets: bool = True
+    instance_norm_targets: bool = False
+
+    @classmethod
+    def from_fairseq(cls, model_cfg: dict) -> "TargetConfig":
+        """Read the settings a data2vec_multi checkpoint was trained with (fairseq defaults if absent)."""
+        upstream_defaults = dict(average_top_k_layers=8, instance_norm_target_layer=False,
+                                 layer_norm_targets=False)
+        kw = {}
+        for f in fields(cls):
+            default = upstream_defaults.get(f.name, False)
+            kw[f.name] = type(default)(model_cfg.get(f.name, default))
+        return cls(**kw)
+
+
+def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig) -> torch.Tensor:
+    """Average of the last ``cfg.average_top_k_layers`` normalised layer outputs.
+
+    Args:
+        layer_results: per-layer tensors ``[B, T, C]`` (the caller chooses which tokens to include).
+        cfg: the normalisation recipe.
+
+    Returns:
+        fp32 tensor ``[B, T, C]``.
+    """
+    k = cfg.average_top_k_layers
+    if not 1 <= k <= len(layer_results):
+        raise ValueError(f"average_top_k_layers={k} must be between 1 and the number of layers ({len(layer_results)})")
+    with torch.no_grad():
+        ys = [y.float() for y in layer_results[-k:]]
+        if cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
+            ys = [y.transpose(1, 2) for y in ys]  # BTC -> BCT: normalise each channel over tokens
+            if cfg.batch_norm_target_layer:
+                ys = [F.batch_norm(y, None, None, training=True) for y in ys]
+            if cfg.instance_norm_target_layer:
+                ys = [F.instance_norm(y) for y in ys]
+            ys = [y.transpose(1, 2) for y in ys]
+        if cfg.layer_norm_target_layer:
+            ys = [F.layer_norm(y, y.shape[-1:]) for y in ys]
+        target = sum(ys[1:], ys[0]) / len(ys)  # running sum: one extra [B, T, C] buffer, not k
+        if cfg.layer_norm_targets:
+            target = F.layer_norm(target, target.shape[-1:])
+        if cfg.instance_norm_targets:
+            target = F.instance_norm(target.transpose(1, 2)).transpose(1, 2)
+    return target
