@@ -43,25 +43,25 @@ def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig) -> to
         cfg: the normalisation recipe.
 
     Returns:
-        fp32 tensor ``[B, T, C]``.
+        fp32 tensor ``[B, T, C]``. Differentiable: the same recipe turns a student's per-layer outputs
+        into its prediction (``layer_average``); callers wrap teacher targets in ``torch.no_grad``.
     """
     k = cfg.average_top_k_layers
     if not 1 <= k <= len(layer_results):
         raise ValueError(f"average_top_k_layers={k} must be between 1 and the number of layers ({len(layer_results)})")
-    with torch.no_grad():
-        ys = [y.float() for y in layer_results[-k:]]
-        if cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
-            ys = [y.transpose(1, 2) for y in ys]  # BTC -> BCT: normalise each channel over tokens
-            if cfg.batch_norm_target_layer:
-                ys = [F.batch_norm(y, None, None, training=True) for y in ys]
-            if cfg.instance_norm_target_layer:
-                ys = [F.instance_norm(y) for y in ys]
-            ys = [y.transpose(1, 2) for y in ys]
-        if cfg.layer_norm_target_layer:
-            ys = [F.layer_norm(y, y.shape[-1:]) for y in ys]
-        target = sum(ys[1:], ys[0]) / len(ys)  # running sum: one extra [B, T, C] buffer, not k
-        if cfg.layer_norm_targets:
-            target = F.layer_norm(target, target.shape[-1:])
-        if cfg.instance_norm_targets:
-            target = F.instance_norm(target.transpose(1, 2)).transpose(1, 2)
+    ys = [y.float() for y in layer_results[-k:]]
+    if cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
+        ys = [y.transpose(1, 2) for y in ys]  # BTC -> BCT: normalise each channel over tokens
+        if cfg.batch_norm_target_layer:
+            ys = [F.batch_norm(y, None, None, training=True) for y in ys]
+        if cfg.instance_norm_target_layer:
+            ys = [F.instance_norm(y) for y in ys]
+        ys = [y.transpose(1, 2) for y in ys]
+    if cfg.layer_norm_target_layer:
+        ys = [F.layer_norm(y, y.shape[-1:]) for y in ys]
+    target = sum(ys[1:], ys[0]) / len(ys)  # running sum: one extra [B, T, C] buffer, not k
+    if cfg.layer_norm_targets:
+        target = F.layer_norm(target, target.shape[-1:])
+    if cfg.instance_norm_targets:
+        target = F.instance_norm(target.transpose(1, 2)).transpose(1, 2)
     return target

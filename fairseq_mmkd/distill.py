@@ -1,0 +1,151 @@
+"""Teacher-student module for data2vec 2.0 distillation, free of fairseq so it can be benchmarked alone.
+
+The teacher's modality encoder becomes the *shared encoder*: frozen, always in eval mode, run once per
+batch without autograd. Its output feeds both the frozen teacher blocks (targets) and the trainable
+student blocks. Only the student blocks (and the optional regression head) have ``requires_grad``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .d2v_model import D2vConfig, D2vModel
+
+STUDENT_INITS = ("teacher_first", "teacher_spread", "random")
+PREDICTIONS = ("layer_average", "head")
+
+
+def teacher_block_indices(student_init: str, student_depth: int, teacher_depth: int) -> list[int]:
+    """Which teacher blocks initialise the student (empty for ``random``)."""
+    if student_init == "random":
+        return []
+    if student_depth > teacher_depth:
+        raise ValueError(f"student_depth={student_depth} exceeds the teacher's {teacher_depth} shared blocks, so "
+                         f"student_init={student_init} cannot copy them; lower student_depth or use student_init=random")
+    if student_init == "teacher_first":
+        return list(range(student_depth))
+    if student_init == "teacher_spread":  # evenly spaced, last block included
+        return torch.linspace(0, teacher_depth - 1, student_depth).round().long().tolist()
+    raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
+
+
+def init_random_(module: nn.Module) -> None:
+    """ViT/MAE-style init: truncated-normal linear weights (std 0.02), zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Distiller(nn.Module):
+    """Shared encoder + frozen teacher blocks + trainable student blocks.
+
+    Args:
+        teacher: the frozen data2vec2 model (from ``load_d2v`` or built from a stored architecture).
+        student_depth: number of student blocks (>= 1).
+        student_init: ``teacher_first`` | ``teacher_spread`` | ``random``.
+        prediction: ``layer_average`` (student per-layer outputs normalised and averaged like the targets)
+            or ``head`` (a linear regression head on the last student block).
+        drop_path: stochastic-depth rate of the student, rising linearly to this value over its blocks.
+        keep_teacher_blocks: False builds an inference-only model without the teacher blocks (the
+            shared encoder and student are all a trained checkpoint needs).
+    """
+
+    def __init__(self, teacher: D2vModel, student_depth: int = 6, student_init: str = "teacher_first",
+                 prediction: str = "layer_average", drop_path: float = 0.0, keep_teacher_blocks: bool = True):
+        super().__init__()
+        if student_depth < 1:
+            raise ValueError(f"student_depth must be >= 1, got {student_depth}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        cfg: D2vConfig = teacher.cfg
+        self.cfg = cfg
+        self.prediction = prediction
+        self.shared_encoder = teacher.encoder.requires_grad_(False)
+        self.teacher_blocks = teacher.blocks.requires_grad_(False) if keep_teacher_blocks else None
+        rates = torch.linspace(0, drop_path, student_depth).tolist()
+        self.student_blocks = nn.ModuleList(cfg.make_block(r, preln_upstream_quirk=False) for r in rates)
+        self.student_norm = (nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+                             if cfg.layer_norm_first else None)
+        self.head = nn.Linear(cfg.embed_dim, cfg.embed_dim) if prediction == "head" else None
+        init_random_(self.student_blocks)
+        if self.head is not None:
+            init_random_(self.head)
+        if keep_teacher_blocks:
+            for s, t in enumerate(teacher_block_indices(student_init, student_depth, cfg.depth)):
+                self.student_blocks[s].load_state_dict(teacher.blocks[t].state_dict())
+        elif student_init not in STUDENT_INITS:
+            raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
+        self.frozen_modules().eval()
+
+    def frozen_modules(self) -> nn.ModuleList:
+        return nn.ModuleList([m for m in (self.shared_encoder, self.teacher_blocks) if m is not None])
+
+    def train(self, mode: bool = True):
+        """fairseq calls ``model.train()`` every step: keep the frozen parts in eval (no dropout/drop path)."""
+        super().train(mode)
+        self.frozen_modules().eval()
+        return self
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return self.shared_encoder.num_extra_tokens
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.encoder.input_size
+
+    def encode(self, source: torch.Tensor) -> torch.Tensor:
+        """The shared encoder's output; never tracked by autograd."""
+        with torch.no_grad():
+            return self.shared_encoder(source)
+
+    def run_teacher(self, encoder_out: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher per-layer outputs (what targets are built from), without autograd."""
+        if self.teacher_blocks is None:
+            raise RuntimeError("this model was loaded for inference without the teacher blocks")
+        layer_results, x = [], encoder_out
+        with torch.no_grad():
+            for blk in self.teacher_blocks:
+                x, target = blk(x)
+                layer_results.append(target)
+        return layer_results
+
+    def run_student(self, encoder_out: torch.Tensor) -> dict:
+        layer_results, x = [], encoder_out
+        for blk in self.student_blocks:
+            x, target = blk(x)
+            layer_results.append(target)
+        if self.student_norm is not None:
+            x = self.student_norm(x)
+        return {"layer_results": layer_results, "x": x}
+
+    def forward(self, source: torch.Tensor) -> dict:
+        encoder_out = self.encode(source)
+        student = self.run_student(encoder_out)
+        return {
+            "teacher_layer_results": self.run_teacher(encoder_out),
+            "student_layer_results": student["layer_results"],
+            "student_x": student["x"],
+        }
+
+    def forward_features(self, source: torch.Tensor) -> torch.Tensor:
+        """Student features ``[B, T, D]`` (extra tokens first): what retrieval embeds."""
+        return self.run_student(self.encode(source))["x"]
+
+    def teacher_features(self, source: torch.Tensor) -> torch.Tensor:
+        """Teacher features ``[B, T, D]`` from its last block (for the teacher's retrieval baseline)."""
+        if self.teacher_blocks is None:
+            raise RuntimeError("this model was loaded for inference without the teacher blocks")
+        x = self.encode(source)
+        with torch.no_grad():
+            for blk in self.teacher_blocks:
+                x, _ = blk(x)
+        return x
+

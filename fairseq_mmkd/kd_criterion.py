@@ -1,0 +1,89 @@
+"""fairseq criterion ``d2v_kd``: MSE between the student's prediction and data2vec2 teacher targets.
+
+Target settings default to the teacher checkpoint's own (``None`` here means "as the teacher was
+trained"); each can be overridden. The loss is returned as a sum with the number of regressed elements as
+``sample_size``, so fairseq's gradient normalisation yields the mean over all timesteps and channels of
+the whole (possibly multi-GPU, multi-step) batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
+
+from .kd_loss import distillation_loss
+from .targets import TargetConfig
+
+_TEACHER_DEFAULT = "default: the teacher checkpoint's own setting"
+
+
+@dataclass
+class D2vKDCriterionConfig(FairseqDataclass):
+    include_extra_tokens: bool = field(
+        default=True, metadata={"help": "regress the extra (CLS) tokens too; target normalisation and the MSE "
+                                        "then cover all timesteps"})
+    average_top_k_layers: Optional[int] = field(
+        default=None, metadata={"help": f"average the teacher's top k layers ({_TEACHER_DEFAULT})"})
+    instance_norm_target_layer: Optional[bool] = field(
+        default=None, metadata={"help": f"instance-norm each layer over tokens ({_TEACHER_DEFAULT})"})
+    layer_norm_target_layer: Optional[bool] = field(
+        default=None, metadata={"help": f"layer-norm each layer over channels ({_TEACHER_DEFAULT})"})
+    batch_norm_target_layer: Optional[bool] = field(
+        default=None, metadata={"help": f"batch-norm each layer ({_TEACHER_DEFAULT})"})
+    layer_norm_targets: Optional[bool] = field(
+        default=None, metadata={"help": f"layer-norm the averaged target ({_TEACHER_DEFAULT})"})
+    instance_norm_targets: Optional[bool] = field(
+        default=None, metadata={"help": f"instance-norm the averaged target ({_TEACHER_DEFAULT})"})
+
+
+def resolve_target_config(cfg, teacher_targets: TargetConfig) -> TargetConfig:
+    """The teacher's target settings with every non-None criterion override applied."""
+    overrides = {f.name: getattr(cfg, f.name) for f in fields(TargetConfig) if getattr(cfg, f.name, None) is not None}
+    return replace(teacher_targets, **overrides)
+
+
+@register_criterion("d2v_kd", dataclass=D2vKDCriterionConfig)
+class D2vKDCriterion(FairseqCriterion):
+    def __init__(self, cfg: D2vKDCriterionConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+
+    def forward(self, model, sample, reduce=True):
+        # under DDP ``model`` is the wrapper; the plugin's attributes live on the wrapped module
+        core = getattr(model, "module", model)
+        target_cfg = resolve_target_config(self.cfg, core.target_config)
+        out = model(**sample["net_input"])
+        result = distillation_loss(core.distiller, out, target_cfg, self.cfg.include_extra_tokens)
+        nsamples = sample["nsamples"]
+        logging_output = {
+            "loss": result["loss_sum"].detach(),
+            "sample_size": result["sample_size"],
+            "nsentences": nsamples,
+            "ntokens": nsamples,  # fairseq's wps/wpb then read as images/s and images per batch
+            "target_var": result["target_var"] * nsamples,
+            "pred_var": result["pred_var"] * nsamples,
+            "bad_images": sample.get("num_replaced", 0),
+        }
+        return result["loss_sum"], result["sample_size"], logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        total = lambda key: sum(float(log.get(key, 0)) for log in logging_outputs)  # noqa: E731
+        sample_size = total("sample_size")
+        nsamples = total("nsentences")
+        if sample_size:
+            metrics.log_scalar("loss", total("loss") / sample_size, sample_size, round=4)
+        if nsamples:
+            metrics.log_scalar("target_var", total("target_var") / nsamples, nsamples, round=3)
+            metrics.log_scalar("pred_var", total("pred_var") / nsamples, nsamples, round=3)
+        bad = total("bad_images")
+        if bad:
+            metrics.log_scalar_sum("bad_images", bad, round=0)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,56 @@
+"""The distillation objective: regress data2vec2 targets built from the teacher's layers, at all timesteps.
+
+Kept apart from fairseq so the loss can be tested and benchmarked on its own; the fairseq criterion is
+a thin wrapper around :func:`distillation_loss`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .targets import TargetConfig, make_targets
+
+
+def regressed(layer_results, num_extra_tokens: int, include_extra_tokens: bool):
+    """Drop the extra (CLS) tokens unless they are regressed too."""
+    n = 0 if include_extra_tokens else num_extra_tokens
+    return [y[:, n:] for y in layer_results]
+
+
+def student_prediction(distiller, out: dict, target_cfg: TargetConfig, include_extra_tokens: bool) -> torch.Tensor:
+    """``layer_average``: the student's layers through the target recipe (top-k capped at its depth);
+    ``head``: a linear head on the last student block."""
+    n = 0 if include_extra_tokens else distiller.num_extra_tokens
+    if distiller.prediction == "head":
+        return distiller.head(out["student_x"][:, n:]).float()
+    layers = regressed(out["student_layer_results"], distiller.num_extra_tokens, include_extra_tokens)
+    k = min(target_cfg.average_top_k_layers, len(layers))
+    return make_targets(layers, replace(target_cfg, average_top_k_layers=k))
+
+
+def feature_std(y: torch.Tensor) -> torch.Tensor:
+    """data2vec's collapse monitor: mean over channels of the std over all (sample, token) positions."""
+    y = y.reshape(-1, y.shape[-1]).float()
+    return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+
+
+def distillation_loss(distiller, out: dict, target_cfg: TargetConfig, include_extra_tokens: bool = True) -> dict:
+    """Sum of squared errors over every regressed timestep and channel, with what to normalise it by.
+
+    Returns a dict with ``loss_sum`` (differentiable, fp32), ``sample_size`` (number of regressed
+    elements: loss_sum / sample_size is the MSE), ``target_var`` and ``pred_var`` (detached 0-d tensors: no device sync here).
+    Targets are computed in fp32 without autograd.
+    """
+    with torch.no_grad():
+        teacher = regressed(out["teacher_layer_results"], distiller.num_extra_tokens, include_extra_tokens)
+        target = make_targets(teacher, target_cfg)
+    pred = student_prediction(distiller, out, target_cfg, include_extra_tokens)
+    loss_sum = (pred - target).pow(2).sum()
+    with torch.no_grad():
+        return {
+            "loss_sum": loss_sum,
+            "sample_size": pred.numel(),
+            "target_var": feature_std(target),
+            "pred_var": feature_std(pred.detach()),
+        }

@@ -1,0 +1,157 @@
+"""fairseq model ``d2v_kd``: a frozen data2vec2 teacher and a trainable student sharing one encoder.
+
+Thin fairseq glue around :class:`fairseq_mmkd.distill.Distiller`. What it adds:
+- loads the teacher from ``teacher_checkpoint`` and records its architecture in the config
+  (``teacher_arch``), so a trained checkpoint rebuilds without the teacher file;
+- keeps the teacher blocks out of checkpoints (state-dict hook) and forgives exactly those keys on load;
+- keeps the frozen parts in eval mode although fairseq calls ``model.train()`` every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+
+from .checkpoint import CheckpointError, load_d2v
+from .d2v_model import D2vConfig, D2vModel
+from .distill import Distiller
+from .targets import TargetConfig
+
+TEACHER_PREFIX = "distiller.teacher_blocks."
+
+
+@dataclass
+class D2vKDModelConfig(FairseqDataclass):
+    teacher_checkpoint: str = field(
+        default="", metadata={"help": "path of the data2vec2 teacher checkpoint (e.g. base_imagenet.pt)"})
+    teacher_weights: ChoiceEnum(["model", "ema"]) = field(
+        default="model", metadata={"help": "teacher weights: 'model' (online weights, what fairseq feature "
+                                           "extraction uses) or 'ema' (the EMA teacher stored in _ema)"})
+    trust_teacher_checkpoint: bool = field(
+        default=False, metadata={"help": "allow arbitrary pickled objects in the teacher file (only for files "
+                                         "you trust; the default safe load accepts fairseq's own checkpoints)"})
+    modality: str = field(default="image", metadata={"help": "modality encoder to use (fairseq_mmkd.encoders)"})
+    student_depth: int = field(default=6, metadata={"help": "number of student transformer blocks"})
+    student_init: ChoiceEnum(["teacher_first", "teacher_spread", "random"]) = field(
+        default="teacher_first", metadata={"help": "teacher_first: copy the teacher's first N blocks; "
+                                                   "teacher_spread: N blocks evenly spaced over the teacher; "
+                                                   "random: fresh initialisation"})
+    prediction: ChoiceEnum(["layer_average", "head"]) = field(
+        default="layer_average", metadata={"help": "layer_average: student layers normalised and averaged like "
+                                                   "the targets; head: linear head on the last student block"})
+    drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
+    teacher_arch: str = field(
+        default="", metadata={"help": "filled in automatically: the teacher's architecture as JSON, so a "
+                                      "trained checkpoint loads without the teacher file. Leave empty."})
+
+
+def _arch_to_json(cfg: D2vConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def _arch_from_json(text: str) -> D2vConfig:
+    from .encoders import get_encoder_class
+
+    d = json.loads(text)
+    d["encoder"] = get_encoder_class(d["modality"]).Config(**d["encoder"])
+    d["targets"] = TargetConfig(**d["targets"])
+    return D2vConfig(**d)
+
+
+@register_model("d2v_kd", dataclass=D2vKDModelConfig)
+class D2vKDModel(BaseFairseqModel):
+    def __init__(self, cfg: D2vKDModelConfig, teacher: D2vModel, keep_teacher_blocks: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.distiller = Distiller(teacher, student_depth=cfg.student_depth, student_init=str(cfg.student_init),
+                                   prediction=str(cfg.prediction), drop_path=cfg.drop_path,
+                                   keep_teacher_blocks=keep_teacher_blocks)
+        self._register_state_dict_hook(_drop_teacher_blocks)
+
+    @classmethod
+    def build_model(cls, cfg: D2vKDModelConfig, task=None, from_checkpoint: bool = False):
+        """Load the teacher, or, when fairseq rebuilds a trained checkpoint for inference
+        (``from_checkpoint``), only its recorded architecture: the weights come from the checkpoint."""
+        if from_checkpoint and cfg.teacher_arch:
+            return cls(cfg, D2vModel(_arch_from_json(cfg.teacher_arch)), keep_teacher_blocks=False)
+        teacher = load_teacher(cfg)
+        cfg.teacher_arch = _arch_to_json(teacher.cfg)
+        return cls(cfg, teacher)
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return self.distiller.num_extra_tokens
+
+    @property
+    def input_size(self) -> int:
+        return self.distiller.input_size
+
+    @property
+    def target_config(self) -> TargetConfig:
+        return self.distiller.cfg.targets
+
+    def forward(self, source: torch.Tensor, **unused) -> dict:
+        return self.distiller(source)
+
+    def forward_features(self, source: torch.Tensor) -> torch.Tensor:
+        return self.distiller.forward_features(source)
+
+    def teacher_features(self, source: torch.Tensor) -> torch.Tensor:
+        return self.distiller.teacher_features(source)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.distiller.train(mode)  # keeps the shared encoder and teacher in eval
+        return self
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""
+        if self.distiller.teacher_blocks is not None:
+            state_dict = dict(state_dict)
+            for k, v in self.distiller.teacher_blocks.state_dict(prefix=TEACHER_PREFIX).items():
+                state_dict.setdefault(k, v)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def _drop_teacher_blocks(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
+        del state_dict[k]
+    return state_dict
+
+
+def load_teacher(cfg: D2vKDModelConfig) -> D2vModel:
+    if not cfg.teacher_checkpoint:
+        raise CheckpointError("model.teacher_checkpoint is not set; pass the data2vec2 teacher, e.g. "
+                              "model.teacher_checkpoint=/path/to/base_imagenet.pt")
+    return load_d2v(os.path.expanduser(cfg.teacher_checkpoint), modality=cfg.modality,
+                    weights=str(cfg.teacher_weights), trust_checkpoint=cfg.trust_teacher_checkpoint)
+
+
+def load_student(path, device="cpu", trust_checkpoint: bool = False) -> D2vKDModel:
+    """A trained ``d2v_kd`` checkpoint as an eval-mode model (no teacher file needed).
+
+    Reads the file with the plugin's safe loader, then lets fairseq rebuild the task and model exactly as
+    ``checkpoint_utils.load_model_ensemble_and_task`` would.
+    """
+    from fairseq import tasks
+    from omegaconf import OmegaConf
+
+    from .checkpoint import read_checkpoint
+
+    state = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    name = (cfg or {}).get("model", {}).get("_name") if isinstance(cfg, dict) else None
+    if name != "d2v_kd":
+        raise CheckpointError(f"{path}: is not a d2v_kd student checkpoint (model {name!r}); for a data2vec2 "
+                              "teacher checkpoint use --teacher / load_d2v_image")
+    cfg = OmegaConf.create(cfg, flags={"allow_objects": True})
+    task = tasks.setup_task(cfg.task, from_checkpoint=True)
+    model = task.build_model(cfg.model, from_checkpoint=True)
+    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    return model.eval().requires_grad_(False).to(device)

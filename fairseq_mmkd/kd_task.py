@@ -1,0 +1,224 @@
+"""fairseq task ``d2v_kd``: label-free distillation on a folder of images, validated by zero-shot retrieval.
+
+Training data is any folder of images (ImageFolder layout; labels ignored) or a text file of image paths,
+augmented as in data2vec2 image pretraining. Validation is one "batch" per round: the distillation loss
+on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/100 retrieval metrics of
+the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix).
+
+Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
+the teacher is loaded or the trainer starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from . import image_data, retrieval
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class D2vKDTaskConfig(FairseqDataclass):
+    data: str = field(default="", metadata={
+        "help": "training images: a folder in ImageFolder layout (class subfolders, labels ignored) or a text "
+                "file with one image path per line"})
+    input_size: Optional[int] = field(default=None, metadata={
+        "help": "crop size; default (and the only valid value): the teacher's input size, since data2vec2 "
+                "position tables are fixed"})
+    crop_scale_min: float = field(default=0.2, metadata={
+        "help": "RandomResizedCrop minimum area fraction (data2vec2 image pretraining: 0.2)"})
+    max_bad_image_fraction: float = field(default=0.01, metadata={
+        "help": "stop with an error when more than this fraction of the images read so far is unreadable"})
+    seed: int = II("common.seed")
+    valid_kd_images: int = field(default=64, metadata={
+        "help": "validation distillation loss is measured on this many training images (centre crops)"})
+    retrieval: bool = field(default=True, metadata={
+        "help": "run zero-shot retrieval (CIFAR-10/100 and/or retrieval_folder) at every validation"})
+    cifar10_root: Optional[str] = field(default=None, metadata={
+        "help": "folder containing cifar-10-batches-py/ (scripts/prepare_data.py --cifar DIR)"})
+    cifar100_root: Optional[str] = field(default=None, metadata={
+        "help": "folder containing cifar-100-python/ (scripts/prepare_data.py --cifar DIR)"})
+    retrieval_folder: Optional[str] = field(default=None, metadata={
+        "help": "optional labelled retrieval set of your own: a folder with train/ and test/ in ImageFolder "
+                "layout; its metrics are prefixed with the folder name"})
+    retrieval_limit: int = field(default=0, metadata={
+        "help": "use only the first N images of each retrieval split (0: all) for quick runs"})
+    retrieval_pooling: ChoiceEnum(["auto", "cls", "mean"]) = field(default="auto", metadata={
+        "help": "cls: the extra (CLS) token; mean: mean of patch tokens; auto: cls when the encoder has one"})
+    retrieval_batch_size: int = field(default=256, metadata={"help": "images per retrieval embedding batch"})
+    retrieval_teacher: bool = field(default=True, metadata={
+        "help": "also evaluate the teacher once per run and log it with a teacher_ prefix"})
+    retrieval_progress: bool = field(default=False, metadata={"help": "show a progress bar while embedding"})
+    reuse_dataloader: bool = field(default=False, metadata={
+        "help": "fairseq: keep one DataLoader across epochs. Off so workers see each epoch's augmentation seed"})
+    persistent_workers: bool = field(default=True, metadata={"help": "fairseq: keep DataLoader workers alive"})
+
+
+class ImageFairseqDataset(FairseqDataset):
+    """fairseq view of an image dataset: every image counts as one "token", shuffled each epoch."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+    def __len__(self):
+        return len(self.images)
+
+    def collater(self, samples):
+        return self.images.collate(samples)
+
+    def num_tokens(self, index):
+        return 1
+
+    def size(self, index):
+        return 1
+
+    def ordered_indices(self):
+        return np.random.permutation(len(self))  # fairseq seeds numpy with (seed + epoch) around this call
+
+    def set_epoch(self, epoch):
+        self.images.set_epoch(epoch)
+
+
+class ValidRound(FairseqDataset):
+    """One item whose batch is the fixed validation batch: fairseq then calls ``valid_step`` exactly once per
+    validation round, which runs the whole retrieval evaluation. The batch is a real model input, since
+    fairseq may reuse it as a dummy batch for workers without data."""
+
+    def __init__(self, images, count: int):
+        self.images = images
+        self.count = min(count, len(images))
+
+    def __getitem__(self, index):
+        return index
+
+    def __len__(self):
+        return 1
+
+    def collater(self, samples):
+        if not samples:
+            return {}
+        return self.images.collate([self.images[i] for i in range(self.count)])
+
+    def num_tokens(self, index):
+        return 1
+
+    def size(self, index):
+        return 1
+
+
+@register_task("d2v_kd", dataclass=D2vKDTaskConfig)
+class D2vKDTask(FairseqTask):
+    cfg: D2vKDTaskConfig
+
+    def __init__(self, cfg: D2vKDTaskConfig, image_paths=None, retrieval_sources=None):
+        super().__init__(cfg)
+        self.image_paths = image_paths
+        self.retrieval_sources = retrieval_sources or {}
+        self.retrieval_sets = None
+        self.teacher_metrics = None
+        self.input_size = cfg.input_size
+
+    @classmethod
+    def setup_task(cls, cfg: D2vKDTaskConfig, from_checkpoint: bool = False, **kwargs):
+        """Validate user inputs before anything expensive; skipped when fairseq rebuilds a trained
+        checkpoint for inference (its data may be gone by then)."""
+        if from_checkpoint:
+            return cls(cfg)
+        if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
+            raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
+        if not cfg.data:
+            raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
+                                            "(a folder of images in ImageFolder layout, or a text file of paths)")
+        paths = image_data.find_images(os.path.expanduser(cfg.data))
+        sources = retrieval.check_sources(cfg) if cfg.retrieval else {}
+        return cls(cfg, image_paths=paths, retrieval_sources=sources)
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        model = super().build_model(cfg, from_checkpoint=from_checkpoint)
+        teacher_size = model.input_size
+        if self.cfg.input_size is not None and self.cfg.input_size != teacher_size:
+            raise ValueError(f"task.input_size={self.cfg.input_size} differs from the teacher's input size "
+                             f"{teacher_size}; data2vec2 models have a fixed position table, so leave "
+                             "task.input_size unset (or null)")
+        self.input_size = teacher_size
+        return model
+
+    def _images(self, train: bool):
+        if self.input_size is None:
+            raise RuntimeError("build the model before loading datasets: the crop size comes from the teacher")
+        return image_data.ImageListDataset(self.image_paths, self.input_size, train=train,
+                                           scale=(self.cfg.crop_scale_min, 1.0),
+                                           max_bad_fraction=self.cfg.max_bad_image_fraction, seed=self.cfg.seed)
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+        if split == "train":
+            self.datasets[split] = ImageFairseqDataset(self._images(train=True))
+        else:
+            self.datasets[split] = ValidRound(self._images(train=False), self.cfg.valid_kd_images)
+            if self.retrieval_sources and self.retrieval_sets is None:
+                self.retrieval_sets = retrieval.load_sources(self.retrieval_sources, limit=self.cfg.retrieval_limit)
+        return self.datasets[split]
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
+
+    def pooling(self, model) -> str:
+        pooling = str(self.cfg.retrieval_pooling)
+        if pooling == "auto":
+            return "cls" if model.num_extra_tokens > 0 else "mean"
+        return pooling
+
+    def _evaluate(self, feature_fn, model):
+        dtype = next(model.parameters()).dtype
+        return retrieval.evaluate_retrieval(
+            feature_fn, self.retrieval_sets, input_size=model.input_size,
+            num_extra_tokens=model.num_extra_tokens, pooling=self.pooling(model),
+            batch_size=self.cfg.retrieval_batch_size, device=next(model.parameters()).device,
+            dtype=dtype, progress=self.cfg.retrieval_progress)
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self.retrieval_sets:
+            core = getattr(model, "module", model)
+            with torch.inference_mode():
+                student = self._evaluate(model.forward_features, core)
+                if self.cfg.retrieval_teacher and self.teacher_metrics is None \
+                        and core.distiller.teacher_blocks is not None:
+                    self.teacher_metrics = self._evaluate(model.teacher_features, core)
+            logging_output.update({k: float(v) for k, v in student.items()})
+            logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
+            logging_output["retrieval_rounds"] = 1
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        rounds = sum(log.get("retrieval_rounds", 0) for log in logging_outputs)
+        if not rounds:
+            return
+        names = sorted({k for log in logging_outputs for k in log if k.startswith(retrieval.METRIC_PREFIXES)
+                        or k.startswith("teacher_")})
+        for name in names:
+            value = sum(float(log.get(name, 0.0)) for log in logging_outputs) / rounds
+            metrics.log_scalar(name, value, weight=1, priority=300 if name.startswith("teacher_") else 250, round=2)
