@@ -14,4 +14,4 @@ __all__ = ["CheckpointError", "D2vConfig", "D2vModel", "TargetConfig", "load_d2v
            "make_targets", "read_checkpoint"]
 
 if importlib.util.find_spec("fairseq") is not None:
-    from . import fairseq_plugin  # noqa: F401  (registers task, model, criterion)
+    from . import kd_criterion, kd_model, kd_task  # noqa: F401  (registers the d2v_kd task, model, criterion)

@@ -23,7 +23,8 @@ from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from . import image_data, retrieval
+from . import image_data
+from .retrieval import evaluate_retrieval, load_cifar, load_image_folder_pair
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class ImageFairseqDataset(FairseqDataset):
         return len(self.images)
 
     def collater(self, samples):
-        return self.images.collate(samples)
+        return self.images.collater(samples)
 
     def num_tokens(self, index):
         return 1
@@ -111,7 +112,7 @@ class ValidRound(FairseqDataset):
     def collater(self, samples):
         if not samples:
             return {}
-        return self.images.collate([self.images[i] for i in range(self.count)])
+        return self.images.collater([self.images[i] for i in range(self.count)])
 
     def num_tokens(self, index):
         return 1
@@ -124,11 +125,10 @@ class ValidRound(FairseqDataset):
 class D2vKDTask(FairseqTask):
     cfg: D2vKDTaskConfig
 
-    def __init__(self, cfg: D2vKDTaskConfig, image_paths=None, retrieval_sources=None):
+    def __init__(self, cfg: D2vKDTaskConfig, image_paths=None, retrieval_sets=None):
         super().__init__(cfg)
         self.image_paths = image_paths
-        self.retrieval_sources = retrieval_sources or {}
-        self.retrieval_sets = None
+        self.retrieval_sets = retrieval_sets or {}
         self.teacher_metrics = None
         self.input_size = cfg.input_size
 
@@ -144,8 +144,7 @@ class D2vKDTask(FairseqTask):
             raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
                                             "(a folder of images in ImageFolder layout, or a text file of paths)")
         paths = image_data.find_images(os.path.expanduser(cfg.data))
-        sources = retrieval.check_sources(cfg) if cfg.retrieval else {}
-        return cls(cfg, image_paths=paths, retrieval_sources=sources)
+        return cls(cfg, image_paths=paths, retrieval_sets=load_retrieval_sets(cfg) if cfg.retrieval else {})
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint=from_checkpoint)
@@ -169,9 +168,11 @@ class D2vKDTask(FairseqTask):
             self.datasets[split] = ImageFairseqDataset(self._images(train=True))
         else:
             self.datasets[split] = ValidRound(self._images(train=False), self.cfg.valid_kd_images)
-            if self.retrieval_sources and self.retrieval_sets is None:
-                self.retrieval_sets = retrieval.load_sources(self.retrieval_sources, limit=self.cfg.retrieval_limit)
         return self.datasets[split]
+
+    @property
+    def metric_prefixes(self) -> tuple:
+        return tuple(f"{p}{name}_" for name in self.retrieval_sets for p in ("", "teacher_"))
 
     def max_positions(self):
         return None
@@ -192,7 +193,7 @@ class D2vKDTask(FairseqTask):
 
     def _evaluate(self, feature_fn, model):
         dtype = next(model.parameters()).dtype
-        return retrieval.evaluate_retrieval(
+        return evaluate_retrieval(
             feature_fn, self.retrieval_sets, input_size=model.input_size,
             num_extra_tokens=model.num_extra_tokens, pooling=self.pooling(model),
             batch_size=self.cfg.retrieval_batch_size, device=next(model.parameters()).device,
@@ -217,8 +218,26 @@ class D2vKDTask(FairseqTask):
         rounds = sum(log.get("retrieval_rounds", 0) for log in logging_outputs)
         if not rounds:
             return
-        names = sorted({k for log in logging_outputs for k in log if k.startswith(retrieval.METRIC_PREFIXES)
-                        or k.startswith("teacher_")})
+        names = sorted({k for log in logging_outputs for k, v in log.items() if k.startswith(self.metric_prefixes)})
         for name in names:
             value = sum(float(log.get(name, 0.0)) for log in logging_outputs) / rounds
             metrics.log_scalar(name, value, weight=1, priority=300 if name.startswith("teacher_") else 250, round=2)
+
+
+def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
+    """Read every configured retrieval set into memory now, so missing files fail before training."""
+    limit = cfg.retrieval_limit or None
+    sets = {}
+    for name in ("cifar10", "cifar100"):
+        root = getattr(cfg, f"{name}_root")
+        if root:
+            sets[name] = load_cifar(os.path.expanduser(root), name, limit=limit)
+    if cfg.retrieval_folder:
+        folder = os.path.expanduser(cfg.retrieval_folder)
+        name = os.path.basename(os.path.normpath(folder)).replace("-", "_") or "custom"
+        sets[name] = load_image_folder_pair(folder, limit=limit)
+    if not sets:
+        raise ValueError("task.retrieval=true but no retrieval data is configured: set task.cifar10_root and/or "
+                         "task.cifar100_root (download with scripts/prepare_data.py --cifar DIR) or "
+                         "task.retrieval_folder, or turn validation retrieval off with task.retrieval=false")
+    return sets

@@ -1,0 +1,104 @@
+"""Write a ``D2vModel`` as a data2vec 2.0 (``data2vec_multi``) checkpoint in fairseq's trainer layout.
+
+Used to export trained students (so fairseq's data2vec2 fine-tuning tooling and ``load_d2v_image`` can
+start from them) and to create the demo's small, randomly initialised teacher. The file has what fairseq's
+``checkpoint_utils.load_checkpoint_to_cpu`` expects: ``args``/``cfg``/``model`` (with ``_ema``)/
+``criterion``/``optimizer_history``/``task_state``/``extra_state``, and only safe types (tensors,
+containers, primitives), so it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .d2v_model import D2vConfig, D2vModel
+from .targets import TargetConfig
+
+_TARGET_FIELDS = tuple(TargetConfig.__dataclass_fields__)
+
+
+def d2v_model_cfg(cfg: D2vConfig) -> dict:
+    """The ``cfg['model']`` section fairseq's ``Data2VecMultiConfig`` accepts for this architecture.
+
+    Pretraining-only parts are switched off (no decoder, no dropout, no masking loss terms) and the EMA
+    copy is a full copy of the model (``ema_encoder_only: false``), as in the released image models.
+    """
+    if cfg.modality != "image":
+        raise ValueError(f"writing data2vec_multi checkpoints is implemented for images only, not {cfg.modality!r}")
+    enc = cfg.encoder
+    image = {
+        "type": "IMAGE", "prenet_depth": enc.prenet_depth, "prenet_layerdrop": 0.0, "prenet_dropout": 0.0,
+        "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_extra_tokens": enc.num_extra_tokens,
+        "init_extra_token_zero": False, "ema_local_encoder": True, "local_grad_mult": 1.0,
+        "use_alibi_encoder": False, "decoder": None, "input_size": enc.input_size, "in_chans": enc.in_chans,
+        "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "fixed_positions": enc.fixed_positions,
+        "transformer_decoder": False, "enc_dec_transformer": False, "num_alibi_heads": cfg.num_heads,
+        "model_depth": cfg.depth,
+    }
+    model = {
+        "_name": "data2vec_multi", "depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio, "norm_eps": cfg.norm_eps, "norm_affine": cfg.norm_affine,
+        "layer_norm_first": cfg.layer_norm_first, "end_of_block_targets": cfg.end_of_block_targets,
+        "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "encoder_dropout": 0.0, "post_mlp_drop": 0.0,
+        "attention_dropout": 0.0, "activation_dropout": 0.0, "dropout_input": 0.0, "layerdrop": 0.0,
+        "clone_batch": 1, "ema_encoder_only": False, "supported_modality": "IMAGE", "skip_ema": False,
+        "loss_beta": 0.0, "loss_scale": None, "cls_loss": 0.0, "recon_loss": 0.0, "d2v_loss": 1.0,
+        "shared_decoder": None, "mae_init": False, "modalities": {"image": image},
+    }
+    model.update({name: getattr(cfg.targets, name) for name in _TARGET_FIELDS})
+    model["average_top_k_layers"] = min(cfg.targets.average_top_k_layers, cfg.depth)
+    return model
+
+
+def d2v_state_dict(model: D2vModel) -> dict:
+    """The model's weights under fairseq's names, with an identical EMA copy in ``_ema``."""
+    prefix = f"modality_encoders.{type(model.encoder).fairseq_name}."
+    state = {}
+    for key, value in model.state_dict().items():
+        name = prefix + key[len("encoder."):] if key.startswith("encoder.") else key
+        state[name] = value.detach().to("cpu", torch.float32).clone()
+    state["_ema"] = {k: v.clone() for k, v in state.items()}
+    return state
+
+
+def trainer_layout(model_cfg: dict, state: dict, task_cfg: dict | None = None) -> dict:
+    """A checkpoint dict shaped like the one ``fairseq.trainer.Trainer.state_dict`` writes."""
+    from omegaconf import OmegaConf
+
+    try:  # fairseq's own defaults for every other section, when fairseq is installed
+        from fairseq.dataclass.configs import FairseqConfig
+
+        cfg = OmegaConf.to_container(OmegaConf.structured(FairseqConfig), resolve=True, enum_to_str=True)
+    except ImportError:  # the core works without fairseq; those sections are then minimal
+        cfg = {"_name": None, "common": {}, "checkpoint": {}, "dataset": {}, "optimization": {}}
+    cfg["model"] = model_cfg
+    cfg["task"] = task_cfg or {"_name": "mae_image_pretraining", "data": "", "input_size":
+                               model_cfg["modalities"]["image"]["input_size"], "key": "source"}
+    cfg["criterion"] = {"_name": "model"}
+    return {
+        "args": None, "cfg": cfg, "model": state, "criterion": None,
+        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "none",
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "task_state": {}, "extra_state": {"metrics": {}, "previous_training_time": 0.0,
+                                          "train_iterator": {"epoch": 1, "iterations_in_epoch": 0,
+                                                             "shuffle": True, "version": 2}},
+    }
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_d2v_checkpoint(model: D2vModel, path) -> None:
+    """Write ``model`` as a data2vec2 checkpoint that ``load_d2v_image`` and fairseq both read."""
+    atomic_save(trainer_layout(d2v_model_cfg(model.cfg), d2v_state_dict(model)), path)

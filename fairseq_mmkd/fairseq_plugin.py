@@ -1,1 +1,0 @@
-"""Registers the plugin's fairseq components (task, model, criterion) by importing them."""

@@ -1,0 +1,596 @@
+"""Training images for distillation: find them, decode them robustly, augment them as data2vec 2.0 does.
+
+The augmentation is the data2vec 2.0 image pretraining recipe (``MaeImageDataset`` with the
+``mae_image_pretraining`` defaults, Baevski et al. 2022, "Efficient Self-supervised Learning with
+Contextualized Target Representations for Vision, Speech and Language"): RandomResizedCrop(S, scale=(0.2, 1),
+ratio=(3/4, 4/3), bicubic), RandomHorizontalFlip(0.5), ToTensor, Normalize(ImageNet mean/std). Given the
+same random draws it is bit-identical to that torchvision pipeline (the tests check this). The eval transform
+is Resize(int(S / 0.875), bicubic) + CenterCrop(S).
+
+Differences from a plain ``ImageFolder``, and why:
+
+* Randomness comes from a ``torch.Generator`` seeded from ``(seed, epoch, index)``, not from the global RNG,
+  so a sample is the same whatever the number of processes or DataLoader workers. The epoch lives in a
+  shared-memory tensor, so persistent DataLoader workers (fairseq reuses its DataLoader across epochs by
+  default) see ``set_epoch`` too.
+* Real-world files are messy. Every mode PIL decodes is turned into 8-bit RGB correctly (16-bit scaled, not
+  clipped; transparency composited on white); EXIF orientation is applied. A file that cannot be decoded is
+  replaced by the next readable image, counted, and logged once with its path; too many of them stop
+  training with an ``ImageDataError`` that says what to do.
+* Huge images are shrunk before augmentation: JPEGs are decoded at 1/2, 1/4 or 1/8 scale with
+  ``Image.draft`` (fast, and a 10,000 x 10,000 JPEG never needs 300 MB), then any image is box-reduced by an
+  integer factor. The shrink keeps the shorter side at least ``SHRINK_GAP`` (2) times the size at which
+  every possible crop still has >= S pixels per side (eval: 2 x the resize target), the margin Pillow's
+  own ``thumbnail(reducing_gap=2)`` uses, so the final bicubic resize still does most of the filtering.
+  For S = 224 that is a shorter side of 1158 px (train) or 512 px (eval): typical ImageNet photos are not
+  touched, the augmentation distribution is unchanged (crop boxes are relative), and on large images the
+  eval output moves by ~0.2 grey levels on average (measured on a smooth 2000 x 1500 image).
+* PIL's global switches are left as the user set them. Truncated files stay errors
+  (``ImageFile.LOAD_TRUNCATED_IMAGES`` is not touched: a truncated JPEG is bad data and is counted as such).
+  PIL's decompression-bomb limit is replaced by our own ``max_pixels`` check on the pixels that will
+  actually be decoded (after ``draft``), so a 100 MP JPEG loads without a warning; PIL's global is
+  switched off only for the duration of ``Image.open``'s header parse, under a lock.
+
+Nothing here imports fairseq; the task wraps ``ImageListDataset`` in a ``FairseqDataset``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875
+# PIL's own error threshold (2 * its default MAX_IMAGE_PIXELS, ~179 MP), but measured on the pixels actually
+# decoded: a 10k x 10k JPEG decodes at 1/8 scale and passes; a 20k x 20k PNG (1.2 GB of RGB) does not.
+DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
+# Keep images this many times larger than the final resize needs before shrinking them (see module doc).
+SHRINK_GAP = 2.0
+
+_WHITE = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageDataError(ValueError):
+    """The image data cannot be used for training; the message names the path and the fix."""
+
+
+class UnreadableImageError(Exception):
+    """One image file could not be decoded (the dataset replaces it and counts it)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding the files
+# --------------------------------------------------------------------------------------------------------
+
+def find_images(data: str) -> list[str]:
+    """Absolute paths of the training images named by ``data``.
+
+    Runs before training so that a wrong path fails at once, with a message saying what to change.
+
+    Args:
+        data: either a folder, searched recursively (ImageFolder layout ``root/class/x.jpg``, class labels
+            ignored; images directly in ``root`` count too; extensions ``IMAGE_EXTENSIONS``, any case;
+            hidden files and folders such as macOS ``._x.jpg`` are skipped; symlinked folders are followed
+            once), or a text file with one image path per line (relative paths are resolved against the
+            list file's folder; blank lines and lines starting with ``#`` are skipped; anything after a tab
+            is ignored, so ``path<TAB>label`` lists work).
+
+    Returns:
+        For a folder, the paths sorted; for a list file, the paths in the file's order. Files are not
+        opened here: unreadable ones are counted when loaded.
+
+    Raises:
+        ImageDataError: the path is missing, the folder holds no images, or the list file is empty or is
+            not a text file.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(data)))
+    if not os.path.exists(path):
+        what = "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+        raise ImageDataError(
+            f"image data path {path!r} {what}; set the data path to a folder of images (ImageFolder layout, "
+            f"root/<class>/<image>) or to a text file listing one image path per line")
+    if os.path.isdir(path):
+        return _scan_folder(path)
+    return _read_list_file(path)
+
+
+def _has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_files(root: str, visited: set[str]) -> Iterator[str]:
+    """Non-hidden non-folder entries under ``root``, following symlinked folders but never in a cycle."""
+    visited.add(os.path.realpath(root))
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        logger.warning("cannot list image folder %s (%s); its images are not used", root, e.strerror or e)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            yield entry.path
+        elif os.path.realpath(entry.path) not in visited:
+            yield from _walk_files(entry.path, visited)
+
+
+def _scan_folder(root: str) -> list[str]:
+    images, others = [], []
+    for file_path in _walk_files(root, set()):
+        (images if _has_image_extension(file_path) else others).append(file_path)
+    if not images:
+        found = (f"it holds {len(others)} other file(s), e.g. {others[0]!r}" if others
+                 else "it holds no files")
+        raise ImageDataError(
+            f"no images found under {root!r}: {found}. Looked recursively for files ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)} (any case; hidden files skipped). Point the data path at a folder "
+            f"of images (root/<class>/<image>) or at a text file listing one image path per line")
+    return sorted(images)
+
+
+def _read_list_file(list_path: str) -> list[str]:
+    if _has_image_extension(list_path):
+        raise ImageDataError(
+            f"image data path {list_path!r} is a single image; pass the folder that contains the images, or a "
+            f"text file listing one image path per line")
+    try:
+        with open(list_path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise ImageDataError(f"cannot read image list file {list_path!r} ({e.strerror or e}); check that it "
+                             f"exists and is readable") from None
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise ImageDataError(
+            f"image data path {list_path!r} is neither a folder nor a UTF-8 text file; pass a folder of images "
+            f"or a text file listing one image path per line")
+    base = os.path.dirname(list_path)
+    paths = []
+    for line in text.splitlines():
+        entry = line.split("\t", 1)[0].strip()
+        if entry and not entry.startswith("#"):
+            paths.append(os.path.normpath(os.path.join(base, os.path.expanduser(entry))))
+    if not paths:
+        raise ImageDataError(
+            f"image list file {list_path!r} names no images (it has only blank lines or # comments); write one "
+            f"image path per line (relative paths are resolved against {base!r})")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding one file
+# --------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _pil_pixel_limit_off():
+    """Switch PIL's global decompression-bomb check off for one ``Image.open``; ``max_pixels`` replaces it.
+
+    Only the header parse runs inside, so the switch is held for microseconds; the lock keeps concurrent
+    threads of this module from restoring each other's value.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def min_short_side_for_crop(input_size: int, scale: Sequence[float], ratio: Sequence[float]) -> int:
+    """Smallest shorter side for which every RandomResizedCrop box still has >= ``input_size`` pixels a side.
+
+    A crop covers area ``s * W * H`` (``s >= scale[0]``) with aspect ``r``; its shorter side is
+    ``sqrt(s * W * H * min(r, 1/r)) >= short_side * sqrt(scale[0] * min(r, 1/r))``. Shrinking an image no
+    further than this never makes the final resize upsample where the original would not have.
+    """
+    narrowest = min(ratio[0], 1 / ratio[0], ratio[1], 1 / ratio[1])
+    return math.ceil(input_size / math.sqrt(scale[0] * narrowest))
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any decoded PIL image to 8-bit RGB, keeping what the pixels mean.
+
+    * Transparency (RGBA, LA, PA, palette or grayscale with a transparent colour) is composited on white, as
+      viewers show it; a plain ``convert("RGB")`` would expose whatever colour hides under alpha = 0 (often
+      black or garbage). Fully opaque images are unaffected.
+    * 16-bit images (``I;16*``, and ``I`` holding values in 0..65535, which is how PIL opens 16-bit PNG,
+      TIFF and PGM) are scaled by 255/65535 with rounding; ``convert`` would clip them to 255. ``I`` values
+      outside that range and float (``F``) images are scaled from their min..max (``F`` already within
+      0..1 is scaled by 255).
+    * Everything else (L, 1, P, CMYK, YCbCr, ...) goes through PIL's own ``convert("RGB")``.
+    """
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(img)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            return rgba.convert("RGB")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=alpha)
+        return background
+    return img.convert("RGB")
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(arr * 255.0).astype(np.uint8)
+        return _min_max_to_uint8(arr, lo, hi)
+    arr = arr.astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 65535:
+        return ((arr + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535): 65535 -> 255, 257 * k -> k
+    return _min_max_to_uint8(arr, lo, hi)
+
+
+def _min_max_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def load_rgb(path: str, min_short_side: Optional[int] = None,
+             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file into an upright, 8-bit RGB PIL image, shrunk if it is much larger than needed.
+
+    The format is read from the content, not the extension (a PNG named ``.jpg`` is fine). Animated images
+    give their first frame. The file is closed on return.
+
+    Args:
+        path: the image file.
+        min_short_side: if given, the shorter side may be shrunk down to (not below) this many pixels:
+            JPEGs are decoded at a reduced DCT scale (``Image.draft``), then any image is box-reduced by an
+            integer factor. ``None`` keeps the full resolution.
+        max_pixels: refuse images that would decode to more pixels than this (after ``draft``), to bound
+            memory; ``None`` disables the check.
+
+    Raises:
+        UnreadableImageError: the file is missing, unreadable, empty, truncated, not an image, too large,
+            or otherwise fails to decode.
+    """
+    try:
+        with open(path, "rb") as f:
+            with _pil_pixel_limit_off():
+                img = Image.open(f)
+            if min_short_side:
+                img.draft(None, (min_short_side, min_short_side))  # a no-op for non-JPEG formats
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnreadableImageError(
+                    path, f"{width}x{height} = {width * height} pixels to decode exceeds max_pixels={max_pixels}")
+            img.load()
+            try:
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception as e:  # a broken EXIF block does not make the pixels bad
+                logger.debug("ignoring unreadable EXIF orientation of %s (%s)", path, e)
+        img = to_rgb8(img)
+    except (UnreadableImageError, MemoryError):
+        raise
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UnreadableImageError(path, f"{type(e).__name__}: {reason}") from e
+    if min_short_side:
+        factor = min(img.size) // min_short_side
+        if factor >= 2:
+            img = img.reduce(factor)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------------------
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                            generator: torch.Generator) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``, drawing from ``generator`` instead of the global RNG.
+
+    Same draws in the same order, so seeding the global RNG with the generator's seed reproduces it.
+
+    Returns:
+        ``(top, left, height, width)`` of the crop.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = torch.exp(
+            torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the largest centred crop within the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """ToTensor + Normalize(ImageNet mean, std) of an RGB image, in torchvision's arithmetic order."""
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    x = pixels.permute(2, 0, 1).contiguous().to(torch.float32).div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def train_transform(img: Image.Image, input_size: int, generator: torch.Generator,
+                    scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """data2vec 2.0 pretraining augmentation: RandomResizedCrop (bicubic), horizontal flip p=0.5, normalise.
+
+    Crop and resize run in PIL on uint8 pixels; the tensor is made once, at ``input_size``.
+    """
+    top, left, h, w = random_resized_crop_box(img.width, img.height, scale, ratio, generator)
+    img = img.crop((left, top, left + w, top + h)).resize((input_size, input_size), Image.Resampling.BICUBIC)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_normalized_tensor(img)
+
+
+def eval_transform(img: Image.Image, input_size: int) -> torch.Tensor:
+    """Resize the shorter side to ``int(input_size / 0.875)`` (bicubic), centre-crop ``input_size``, normalise."""
+    resize_to = int(input_size / EVAL_CROP_FRACTION)
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = resize_to, int(resize_to * h / w)
+    else:
+        new_w, new_h = int(resize_to * w / h), resize_to
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top = int(round((new_h - input_size) / 2.0))
+    left = int(round((new_w - input_size) / 2.0))
+    return to_normalized_tensor(img.crop((left, top, left + input_size, top + input_size)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------
+
+class _PathTable:
+    """Paths packed into two numpy arrays.
+
+    A Python list of a million ``str`` is copied page by page into every forked DataLoader worker as
+    reference counts are touched (the "copy-on-read" growth fairseq's audio datasets avoid the same way);
+    numpy buffers are never written, so workers keep sharing them.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self._bytes[self._offsets[i]:self._offsets[i + 1]].tobytes())
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    """Batch samples of ``ImageListDataset``.
+
+    Returns:
+        ``{"id": LongTensor[B], "net_input": {"source": FloatTensor[B, 3, S, S]}, "nsamples": B,
+        "num_replaced": number of unreadable files skipped to build the batch}`` (the task logs the last as
+        a metric, since the per-file counters live in the DataLoader workers); ``{}`` for no samples.
+    """
+    if len(samples) == 0:
+        return {}
+    return {
+        "id": torch.tensor([s["id"] for s in samples], dtype=torch.long),
+        "net_input": {"source": torch.stack([s["source"] for s in samples])},
+        "nsamples": len(samples),
+        "num_replaced": int(sum(s.get("num_replaced", 0) for s in samples)),
+    }
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images from a list of paths, augmented as data2vec 2.0 pretraining, robust to bad files.
+
+    ``dataset[i]`` is ``{"id": i, "source": FloatTensor[3, S, S], "num_replaced": k}``: if image ``i`` cannot
+    be decoded, the next readable image (``i + 1``, ``i + 2``, ... wrapping around) is used instead, ``k``
+    counts the files skipped, and each bad path is logged once (a ``logging`` warning). The augmentation
+    draws from a generator seeded by ``(seed, epoch, i)``, so the sample does not depend on which process
+    computes it.
+
+    Counters (``num_bad``, ``num_attempts``, ``bad_paths``) are per process; with DataLoader workers they
+    live in the workers, which is why each sample carries ``num_replaced``. Once at least ``min_attempts``
+    decodes were tried and ``min_bad`` of them failed, a failure rate above ``max_bad_fraction`` raises
+    ``ImageDataError``; so does a number of distinct bad files above ``max_bad_fraction * len(self)``
+    (certain regardless of sampling, which is what catches small datasets). The two thresholds keep a rare
+    bad file early in an epoch from stopping training.
+
+    Args:
+        paths: image files, e.g. from ``find_images``.
+        input_size: side ``S`` of the square output.
+        train: data2vec 2.0 pretraining augmentation if true, else resize + centre crop.
+        scale: RandomResizedCrop area range (fraction of the image).
+        ratio: RandomResizedCrop aspect-ratio range.
+        max_bad_fraction: largest tolerated fraction of unreadable images (0 stops at the first one).
+        seed: base seed of the augmentation.
+        max_pixels: images that would decode to more pixels are treated as unreadable (memory guard).
+    """
+
+    min_attempts = 50
+    min_bad = 10
+
+    def __init__(self, paths: Sequence[str], input_size: int = 224, train: bool = True,
+                 scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 max_bad_fraction: float = 0.01, seed: int = 1, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+        if len(paths) == 0:
+            raise ImageDataError("ImageListDataset needs at least one image path; check the data path")
+        if input_size <= 0:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {tuple(scale)}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be within [0, 1], got {max_bad_fraction}")
+        self._paths = _PathTable(paths)
+        self.input_size = int(input_size)
+        self.train = bool(train)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.seed = int(seed)
+        self.max_pixels = max_pixels
+        needed = (min_short_side_for_crop(self.input_size, self.scale, self.ratio) if self.train
+                  else int(self.input_size / EVAL_CROP_FRACTION))
+        self.min_short_side = math.ceil(SHRINK_GAP * needed)  # decode / shrink no further than this
+        self._epoch = torch.ones(1, dtype=torch.int64).share_memory_()
+        self.num_bad = 0
+        self.num_attempts = 0
+        self.bad_paths: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, index: int) -> str:
+        """The file behind ``index`` (before any replacement)."""
+        return self._paths[index]
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch``; seen by DataLoader workers, persistent ones too."""
+        self._epoch[0] = int(epoch)
+
+    def sample_seed(self, index: int, epoch: Optional[int] = None) -> int:
+        """The generator seed of sample ``index`` in ``epoch`` (default: the current epoch)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        words = [w & 0xFFFFFFFFFFFFFFFF for w in (self.seed, epoch, int(index))]
+        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+        return (int(state[0]) << 31) ^ int(state[1])
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for skipped in range(n):
+            path = self._paths[(index + skipped) % n]
+            if path in self.bad_paths:
+                self._count_failure(path, None)
+                continue
+            try:
+                img = load_rgb(path, self.min_short_side, self.max_pixels)
+            except UnreadableImageError as e:
+                self._count_failure(path, e.reason)
+                continue
+            self.num_attempts += 1
+            if self.train:
+                generator = torch.Generator().manual_seed(self.sample_seed(index))
+                source = train_transform(img, self.input_size, generator, self.scale, self.ratio)
+            else:
+                source = eval_transform(img, self.input_size)
+            return {"id": index, "source": source, "num_replaced": skipped}
+        raise ImageDataError(
+            f"none of the {n} images could be decoded, e.g. {sorted(self.bad_paths)[:3]}; check the data path "
+            f"and that the files are images")
+
+    collater = staticmethod(collate)
+
+    def _count_failure(self, path: str, reason: Optional[str]) -> None:
+        self.num_bad += 1
+        self.num_attempts += 1
+        if reason is not None and path not in self.bad_paths:
+            self.bad_paths.add(path)
+            logger.warning("skipping unreadable image %s (%s); using the next image instead", path, reason)
+        self._check_bad_fraction()
+
+    def _check_bad_fraction(self) -> None:
+        limit = self.max_bad_fraction
+        too_many_files = len(self.bad_paths) > limit * len(self)
+        too_high_rate = (self.num_attempts >= min(self.min_attempts, len(self))
+                         and self.num_bad >= min(self.min_bad, len(self))
+                         and self.num_bad > limit * self.num_attempts)
+        if too_many_files or too_high_rate:
+            examples = ", ".join(repr(p) for p in sorted(self.bad_paths)[:5])
+            raise ImageDataError(
+                f"too many unreadable images: {self.num_bad} of {self.num_attempts} loads failed "
+                f"({len(self.bad_paths)} distinct files of {len(self)}), more than max_bad_fraction={limit}; "
+                f"e.g. {examples}. Remove or re-encode the bad files (or fix the image list), or raise "
+                f"max_bad_fraction if losing them is acceptable")
+
+
+def probe_images(paths: Sequence[str], n: int = 8, max_failed_fraction: float = 0.5,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> list[tuple[str, str]]:
+    """Decode a few images spread over ``paths`` (the first included) before training starts.
+
+    Catches a data path full of non-images in a second instead of after DataLoader start-up. Decoding is at
+    reduced scale, so it is cheap even for large JPEGs; truncation is still detected.
+
+    Args:
+        paths: image files, e.g. from ``find_images``.
+        n: how many to decode.
+        max_failed_fraction: raise if more than this fraction of the probed files fail.
+        max_pixels: as in ``load_rgb``.
+
+    Returns:
+        ``(path, reason)`` of each probed file that failed (also logged as warnings).
+
+    Raises:
+        ImageDataError: too many probed files failed; the message lists them.
+    """
+    if len(paths) == 0:
+        raise ImageDataError("no image paths to probe; check the data path")
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(paths) - 1, min(n, len(paths)))})
+    failures = []
+    for i in picks:
+        try:
+            load_rgb(paths[i], min_short_side=32, max_pixels=max_pixels)
+        except UnreadableImageError as e:
+            failures.append((paths[i], e.reason))
+    for path, reason in failures:
+        logger.warning("probe: cannot decode image %s (%s)", path, reason)
+    if len(failures) > max_failed_fraction * len(picks):
+        listed = "; ".join(f"{p} ({r})" for p, r in failures[:5])
+        raise ImageDataError(
+            f"{len(failures)} of {len(picks)} probed images cannot be decoded: {listed}. Check that the data path "
+            f"points at real image files (not placeholders, Git LFS pointers or partial downloads)")
+    return failures

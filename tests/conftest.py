@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny teachers, image folders and CIFAR sets written in the real on-disk formats."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY_TEACHER = dict(embed_dim=32, depth=4, num_heads=4, input_size=32, patch_size=8, prenet_depth=1,
+                    num_extra_tokens=1, average_top_k_layers=3)
+
+
+def make_teacher(path, seed=0, **overrides):
+    """A randomly initialised data2vec2 image model saved as a fairseq data2vec_multi checkpoint."""
+    from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
+    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.encoders.image import ImageEncoderConfig
+
+    o = {**TINY_TEACHER, **overrides}
+    cfg = D2vConfig(embed_dim=o["embed_dim"], depth=o["depth"], num_heads=o["num_heads"],
+                    layer_norm_first=o.get("layer_norm_first", False),
+                    encoder=ImageEncoderConfig(input_size=o["input_size"], patch_size=o["patch_size"],
+                                               embed_dim=o["embed_dim"], prenet_depth=o["prenet_depth"],
+                                               num_extra_tokens=o["num_extra_tokens"]),
+                    targets=TargetConfig(average_top_k_layers=o["average_top_k_layers"]))
+    torch.manual_seed(seed)
+    model = D2vModel(cfg)
+    with torch.no_grad():  # non-trivial CLS token and LayerNorm affines, as in a trained model
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.ndim <= 3 and "positions" not in name:
+                p.add_(0.1 * torch.randn_like(p))
+    save_d2v_checkpoint(model, path)
+    return path
+
+
+def write_photos(root: Path, classes: int = 3, per_class: int = 6, size=(48, 40), seed: int = 0):
+    """An ImageFolder tree of small JPEG/PNG images with class-specific colour statistics."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, size=3)
+        for i in range(per_class):
+            arr = np.clip(base + rng.normal(0, 40, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            ext = "jpg" if i % 2 == 0 else "png"
+            Image.fromarray(arr).save(d / f"img_{i}.{ext}")
+    return root
+
+
+def write_tiny_cifar(root: Path, name: str, classes: int, n_train: int = 40, n_test: int = 20, seed: int = 0):
+    """CIFAR-shaped data in torchvision's pickle layout whose classes differ in colour (learnable)."""
+    from fairseq_mmkd.retrieval import write_cifar
+
+    rng = np.random.default_rng(seed)
+    means = rng.integers(30, 225, size=(classes, 3))
+
+    def split(n):
+        labels = np.arange(n) % classes
+        imgs = np.clip(means[labels][:, None, None, :] + rng.normal(0, 25, size=(n, 32, 32, 3)), 0, 255)
+        return imgs.astype(np.uint8), labels.tolist()
+
+    (tr, trl), (te, tel) = split(n_train), split(n_test)
+    write_cifar(root, name, tr, trl, te, tel)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "tiny_d2v2.pt")
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("photos") / "train")
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_tiny_cifar(root, "cifar10", 10)
+    write_tiny_cifar(root, "cifar100", 100, n_train=100, n_test=50, seed=1)
+    return root
+
+
+def hydra_train(save_dir, *overrides, config="kd_image", preset="tiny", env=None, timeout=600, check=True, launcher=()):
+    """Run the real ``fairseq-hydra-train`` from the repo root; returns the CompletedProcess."""
+    cmd = [*launcher, str(BIN / "fairseq-hydra-train"), "--config-dir", "config", "--config-name", config, *([f"preset={preset}"] if preset else []),
+           f"checkpoint.save_dir={save_dir}", *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fairseq-hydra-train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def json_log_lines(text: str, kind: str = "train_inner") -> list:
+    """fairseq's json log lines of one kind (train_inner, train, valid) from a run's output."""
+    out = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0 or f"[{kind}][" not in line:
+            continue
+        try:
+            out.append(json.loads(line[start:]))
+        except json.JSONDecodeError:
+            pass
+    return out

@@ -1,0 +1,140 @@
+"""``python -m fairseq_mmkd.retrieval``: teacher and student checkpoints, table and JSON, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_mmkd import D2vConfig, D2vModel
+from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+from fairseq_mmkd.encoders.image import ImageEncoderConfig
+from fairseq_mmkd.retrieval import metric_names, write_cifar
+from fairseq_mmkd.retrieval.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_colour_cifar(root, name, n_train, n_test, classes=3, seed=0):
+    """CIFAR files whose classes are noisy pure colours, in the real pickle layout."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(classes, 3))
+
+    def split(n):
+        labels = np.arange(n) % classes
+        return np.clip(palette[labels][:, None, None] + rng.normal(0, 20, (n, 32, 32, 3)), 0, 255).astype(np.uint8), labels
+
+    write_cifar(root, name, *split(n_train), *split(n_test))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_colour_cifar(root, "cifar10", 20, 9)
+    write_colour_cifar(root, "cifar100", 15, 6, seed=1)
+    return root
+
+
+def tiny_model(num_extra_tokens=1) -> D2vModel:
+    torch.manual_seed(0)
+    return D2vModel(D2vConfig(embed_dim=32, depth=1, num_heads=4, encoder=ImageEncoderConfig(
+        input_size=32, patch_size=8, embed_dim=32, prenet_depth=1, num_extra_tokens=num_extra_tokens))).eval()
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "tiny_d2v2.pt"
+    save_d2v_checkpoint(tiny_model(), path)
+    return path
+
+
+def test_teacher_checkpoint_prints_table_and_writes_flat_json(teacher_checkpoint, data_root, tmp_path, capsys):
+    out = tmp_path / "results" / "teacher.json"
+    rc = main(["--checkpoint", str(teacher_checkpoint), "--teacher", "--cifar10", str(data_root),
+               "--cifar100", str(data_root), "--json", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    names = metric_names("cifar10") + metric_names("cifar100")
+    assert all(isinstance(result[n], float) and 0 <= result[n] <= 100 for n in names)
+    assert not any(k.startswith("teacher_") for k in result)
+    assert result["model"] == "teacher" and result["pooling"] == "cls" and result["input_size"] == 32
+    assert (result["cifar10_train_images"], result["cifar10_test_images"]) == (20, 9)
+    assert (result["cifar100_train_images"], result["cifar100_test_images"]) == (15, 6)
+    table = capsys.readouterr().out
+    assert "inv_top1" in table and f"{result['cifar100_inv_top3']:.2f}" in table
+
+
+def test_limit_and_mean_pooling(teacher_checkpoint, data_root, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--checkpoint", str(teacher_checkpoint), "--teacher", "--cifar10", str(data_root), "--limit", "5",
+                 "--pooling", "mean", "--batch-size", "2", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["pooling"] == "mean" and result["cifar10_train_images"] == 5 and "cifar100_top1" not in result
+
+
+def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
+    model = tiny_model()
+    calls = []
+
+    class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.kd_model.load_student returns
+        num_extra_tokens, input_size = 1, 32
+
+        def forward_features(self, images):
+            return model(images)["x"]
+
+    def load_student(path, device="cpu", trust_checkpoint=False):
+        calls.append((path, device, trust_checkpoint))
+        return FakeStudent()
+
+    monkeypatch.setitem(sys.modules, "fairseq_mmkd.kd_model", types.SimpleNamespace(load_student=load_student))
+    out = tmp_path / "student.json"
+    assert main(["--checkpoint", "student.pt", "--cifar100", str(data_root), "--json", str(out), "--device", "cpu",
+                 "--trust-checkpoint", "--no-progress"]) == 0
+    assert calls == [("student.pt", "cpu", True)]
+    result = json.loads(out.read_text())
+    assert result["model"] == "student" and set(metric_names("cifar100")) <= set(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cifar10", "{empty}"], "cifar-10-batches-py/data_batch_1..5, test_batch"),
+    (["--cifar100", "{empty}"], "cifar-100-python/train, test"),
+    ([], "pass at least one of --cifar10 DIR, --cifar100 DIR"),
+    (["--cifar10", "{data}", "--checkpoint", "{garbage}"], "not a PyTorch checkpoint"),
+    (["--cifar10", "{data}", "--checkpoint", "{missing}"], "file not found"),
+])
+def test_errors_are_one_line_with_exit_status_2(teacher_checkpoint, data_root, tmp_path, capsys, args, message):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"hello, not a checkpoint")
+    fill = dict(empty=tmp_path, data=data_root, garbage=garbage, missing=tmp_path / "nope.pt")
+    argv = ["--checkpoint", str(teacher_checkpoint), "--teacher", "--no-progress"] + [a.format(**fill) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cls_pooling_on_a_model_without_cls_token_is_reported(tmp_path, data_root, capsys):
+    path = tmp_path / "no_cls.pt"
+    save_d2v_checkpoint(tiny_model(num_extra_tokens=0), path)
+    assert main(["--checkpoint", str(path), "--teacher", "--cifar10", str(data_root), "--no-progress"]) == 2
+    assert "use --pooling mean" in capsys.readouterr().err
+
+
+def test_module_entry_point_exits_2_without_traceback(teacher_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fairseq_mmkd.retrieval", "--checkpoint", str(teacher_checkpoint),
+                           "--teacher", "--cifar10", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "prepare_data.py --cifar" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts/prepare_data.py", "scripts/bench_retrieval.py"])
+def test_scripts_show_help(script):
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
