@@ -112,14 +112,18 @@ def _select_weights(model_sd: dict, expected: dict, modality: str, weights: str,
     enc_cls = get_encoder_class(modality)
     enc_name = enc_cls.fairseq_name
     enc_prefix = f"modality_encoders.{enc_name}."
-    ignorable = tuple(enc_prefix + p for p in enc_cls.pretraining_only_prefixes) + (
-        "shared_decoder.", "recon_proj.", "modality_encoders.")  # other modalities of a multi-modal model
+    pretraining_only = tuple(enc_prefix + p for p in enc_cls.pretraining_only_prefixes) + (
+        "shared_decoder.", "recon_proj.")
+
+    def ignorable(k):  # pretraining-only parts, and the other modalities' encoders of a multi-modal model
+        return k.startswith(pretraining_only) or (k.startswith("modality_encoders.") and not k.startswith(enc_prefix))
+
     online = {k: v for k, v in model_sd.items() if k != "_ema"}
     fairseq_keys = {_to_fairseq_key(k, enc_name): k for k in expected}
 
     chosen = {}
     missing = [fk for fk in fairseq_keys if fk not in online]
-    unexpected = [k for k in online if k not in fairseq_keys and not k.startswith(ignorable)]
+    unexpected = [k for k in online if k not in fairseq_keys and not ignorable(k)]
     for fk, k in fairseq_keys.items():
         if fk in online:
             chosen[k] = online[fk]
@@ -142,7 +146,7 @@ def _select_weights(model_sd: dict, expected: dict, modality: str, weights: str,
             elif k in required:
                 missing.append(f"_ema/{ek}")
         known = {(k[len("blocks."):] if block_relative else _to_fairseq_key(k, enc_name)) for k in expected}
-        unexpected += [f"_ema/{k}" for k in ema if k not in known and not k.startswith(ignorable)]
+        unexpected += [f"_ema/{k}" for k in ema if k not in known and not ignorable(k)]
 
     if missing or unexpected:
         parts = []

@@ -1,8 +1,8 @@
 """fairseq model ``d2v_kd``: a frozen data2vec2 teacher and a trainable student sharing one encoder.
 
 Thin fairseq glue around :class:`fairseq_mmkd.distill.Distiller`. What it adds:
-- loads the teacher from ``teacher_checkpoint`` and records its architecture in the config
-  (``teacher_arch``), so a trained checkpoint rebuilds without the teacher file;
+- loads the teacher from ``teacher_checkpoint``; its architecture travels in the checkpoint's
+  ``task_state`` (see ``D2vKDTask.state_dict``), so a trained checkpoint rebuilds without the teacher file;
 - keeps the teacher blocks out of checkpoints (state-dict hook) and forgives exactly those keys on load;
 - keeps the frozen parts in eval mode although fairseq calls ``model.train()`` every step.
 """
@@ -46,16 +46,13 @@ class D2vKDModelConfig(FairseqDataclass):
         default="layer_average", metadata={"help": "layer_average: student layers normalised and averaged like "
                                                    "the targets; head: linear head on the last student block"})
     drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
-    teacher_arch: str = field(
-        default="", metadata={"help": "filled in automatically: the teacher's architecture as JSON, so a "
-                                      "trained checkpoint loads without the teacher file. Leave empty."})
 
 
-def _arch_to_json(cfg: D2vConfig) -> str:
+def arch_to_json(cfg: D2vConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
 
 
-def _arch_from_json(text: str) -> D2vConfig:
+def arch_from_json(text: str) -> D2vConfig:
     from .encoders import get_encoder_class
 
     d = json.loads(text)
@@ -75,14 +72,18 @@ class D2vKDModel(BaseFairseqModel):
         self._register_state_dict_hook(_drop_teacher_blocks)
 
     @classmethod
-    def build_model(cls, cfg: D2vKDModelConfig, task=None, from_checkpoint: bool = False):
-        """Load the teacher, or, when fairseq rebuilds a trained checkpoint for inference
-        (``from_checkpoint``), only its recorded architecture: the weights come from the checkpoint."""
-        if from_checkpoint and cfg.teacher_arch:
-            return cls(cfg, D2vModel(_arch_from_json(cfg.teacher_arch)), keep_teacher_blocks=False)
-        teacher = load_teacher(cfg)
-        cfg.teacher_arch = _arch_to_json(teacher.cfg)
-        return cls(cfg, teacher)
+    def build_model(cls, cfg: D2vKDModelConfig, task=None):
+        """Load the teacher; or, when fairseq rebuilds a trained checkpoint for inference, only the
+        architecture the task restored from the checkpoint (the weights come from the checkpoint)."""
+        arch = getattr(task, "inference_teacher_arch", None)
+        if arch:
+            return cls(cfg, D2vModel(arch_from_json(arch)), keep_teacher_blocks=False)
+        return cls(cfg, load_teacher(cfg))
+
+    @property
+    def teacher_arch(self) -> str:
+        """The teacher's architecture as JSON (what a checkpoint needs to rebuild this model)."""
+        return arch_to_json(self.distiller.cfg)
 
     @property
     def num_extra_tokens(self) -> int:
@@ -152,6 +153,7 @@ def load_student(path, device="cpu", trust_checkpoint: bool = False) -> D2vKDMod
                               "teacher checkpoint use --teacher / load_d2v_image")
     cfg = OmegaConf.create(cfg, flags={"allow_objects": True})
     task = tasks.setup_task(cfg.task, from_checkpoint=True)
+    task.load_state_dict(state.get("task_state") or {})
     model = task.build_model(cfg.model, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     return model.eval().requires_grad_(False).to(device)

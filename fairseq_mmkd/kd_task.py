@@ -64,6 +64,9 @@ class D2vKDTaskConfig(FairseqDataclass):
     reuse_dataloader: bool = field(default=False, metadata={
         "help": "fairseq: keep one DataLoader across epochs. Off so workers see each epoch's augmentation seed"})
     persistent_workers: bool = field(default=True, metadata={"help": "fairseq: keep DataLoader workers alive"})
+    rebuild_batches: bool = field(default=True, metadata={
+        "help": "fairseq: draw a new shuffle for every epoch (seeded by seed + epoch), so a resumed run sees "
+                "exactly the batches an uninterrupted one would"})
 
 
 class ImageFairseqDataset(FairseqDataset):
@@ -131,6 +134,8 @@ class D2vKDTask(FairseqTask):
         self.retrieval_sets = retrieval_sets or {}
         self.teacher_metrics = None
         self.input_size = cfg.input_size
+        self.teacher_arch = None  # saved in checkpoints (task_state): rebuilds the model without the teacher
+        self.inference_teacher_arch = None  # set only while fairseq rebuilds a trained checkpoint
 
     @classmethod
     def setup_task(cls, cfg: D2vKDTaskConfig, from_checkpoint: bool = False, **kwargs):
@@ -146,8 +151,19 @@ class D2vKDTask(FairseqTask):
         paths = image_data.find_images(os.path.expanduser(cfg.data))
         return cls(cfg, image_paths=paths, retrieval_sets=load_retrieval_sets(cfg) if cfg.retrieval else {})
 
+    def state_dict(self):
+        return {"teacher_arch": self.teacher_arch} if self.teacher_arch else {}
+
+    def load_state_dict(self, state_dict):
+        self.teacher_arch = state_dict.get("teacher_arch") or self.teacher_arch
+
     def build_model(self, cfg, from_checkpoint: bool = False):
-        model = super().build_model(cfg, from_checkpoint=from_checkpoint)
+        self.inference_teacher_arch = self.teacher_arch if from_checkpoint else None
+        try:
+            model = super().build_model(cfg, from_checkpoint=from_checkpoint)
+        finally:
+            self.inference_teacher_arch = None
+        self.teacher_arch = model.teacher_arch
         teacher_size = model.input_size
         if self.cfg.input_size is not None and self.cfg.input_size != teacher_size:
             raise ValueError(f"task.input_size={self.cfg.input_size} differs from the teacher's input size "

@@ -395,3 +395,38 @@ def torch_load_without_weights_only():
             del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
         else:
             os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old
+
+
+def write_classifier_checkpoint(path, pretrained_path, num_classes: int = 5):
+    """Fine-tune-ready classifier (``mae_image_classification``) built from ``pretrained_path`` by fairseq
+    and saved by its trainer: the layout of the released ``*_ft.pt`` files (backbone under ``model.*``,
+    ``fc_norm`` and ``head`` beside it, no ``_ema``, pretraining cfg in ``cfg.model.pretrained_model_args``).
+    """
+    import_reference()
+    for name in ("models.mae_image_classification", "tasks.mae_image_classification"):  # registers both
+        importlib.import_module(f"examples.data2vec.{name}")
+    from fairseq import tasks
+    from fairseq.dataclass.initialize import add_defaults
+    from fairseq.dataclass.utils import omegaconf_no_object_check
+    from fairseq.trainer import Trainer
+    from omegaconf import OmegaConf
+
+    pretrained_cfg = torch.load(pretrained_path, map_location="cpu", weights_only=False)["cfg"]  # test-made
+    cfg = OmegaConf.create(pretrained_cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.model = {"_name": "mae_image_classification", "model_path": str(pretrained_path),
+                 "num_classes": num_classes}
+    cfg.task = {"_name": "mae_image_classification", "data": "/unused",
+                "input_size": pretrained_cfg["task"]["input_size"]}
+    add_defaults(cfg)
+    with omegaconf_no_object_check():
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    task = tasks.setup_task(cfg.task)
+    with torch_load_without_weights_only():  # the pretrained file may hold numpy metrics
+        model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    with _fresh_fairseq_metrics():
+        trainer.consolidate_optimizer()
+        trainer.save_checkpoint(str(path), {"train_iterator": {"version": 2, "epoch": 1, "iterations_in_epoch": 0,
+                                                                 "shuffle": True}, "val_loss": None})
+    return model

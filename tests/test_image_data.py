@@ -333,8 +333,8 @@ def _sixteen_bit_rgb_png(d):
 
 def _int32_tiff_in_16_bit_range(d):
     p = d / "int32.tif"
-    Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(p)
-    return p, lambda img: [img.getpixel((x, 0))[0] for x in range(2)] == [0, 255]
+    Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.int32)).save(p)
+    return p, lambda img: [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 
 def _float_tiff(d):
@@ -465,10 +465,10 @@ def test_huge_jpeg_is_decoded_at_reduced_scale_and_loads(huge_jpeg, monkeypatch)
 
     sample = ds[0]
 
-    assert decoded_sizes == [(1250, 1250)]  # DCT scale 1/8: 4.7 MB instead of 300 MB
+    assert set(decoded_sizes) == {(1250, 1250)}  # DCT scale 1/8: 4.7 MB of pixels instead of 300 MB
     assert min(load_rgb(huge_jpeg, ds.min_short_side).size) >= ds.min_short_side
     assert sample["source"].shape == (3, 224, 224) and sample["num_replaced"] == 0
-    torch.testing.assert_close(sample["source"][:, 112, 112], _expected_normalised((30, 140, 220)), atol=0.05, rtol=0)
+    torch.testing.assert_close(sample["source"][:, 112, 112], _expected_normalised((30, 140, 220)), atol=0.1, rtol=0)
     assert Image.MAX_IMAGE_PIXELS == limit_before
 
 
@@ -511,14 +511,18 @@ def test_more_unreadable_images_than_max_bad_fraction_stops_with_clear_error(tmp
     assert "Remove or re-encode" in message
 
 
-def test_a_rare_unreadable_image_does_not_stop_training(tmp_path):
-    paths = [_solid(tmp_path / f"{i:03d}.png", size=(4, 4)) for i in range(150)]
-    (tmp_path / "000.png").write_bytes(b"")  # the very first image of the epoch is bad
+def test_rare_unreadable_images_do_not_stop_training_over_epochs(tmp_path):
+    paths = [_solid(tmp_path / f"{i:03d}.png", size=(4, 4)) for i in range(300)]
+    for bad in (0, 60):  # 2 of 300 (under 1%), but 2 of the first 61 loads: early noise must not count
+        (tmp_path / f"{bad:03d}.png").write_bytes(b"")
     ds = ImageListDataset(paths, input_size=8, max_bad_fraction=0.01)
 
-    replaced = sum(ds[i]["num_replaced"] for i in range(len(ds)))
+    replaced = 0
+    for epoch in (1, 2):  # the same bad files met again are not new bad files
+        ds.set_epoch(epoch)
+        replaced += sum(ds[i]["num_replaced"] for i in range(len(ds)))
 
-    assert replaced == 1 and ds.bad_paths == {paths[0]}
+    assert replaced == 4 and ds.bad_paths == {paths[0], paths[60]}
 
 
 # ------------------------------------------------------------------------------------------------ probe

@@ -1,0 +1,148 @@
+"""Distillation as users run it: real ``fairseq-hydra-train`` runs on a tiny teacher and image folder."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, hydra_train, json_log_lines, make_teacher
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def data_args(teacher, photos, cifar=None):
+    args = [f"task.data={photos}", f"model.teacher_checkpoint={teacher}"]
+    if cifar is None:
+        # without retrieval metrics the best checkpoint is chosen by the validation loss
+        return args + ["task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
+                       "checkpoint.maximize_best_checkpoint_metric=false"]
+    return args + [f"task.cifar10_root={cifar}", f"task.cifar100_root={cifar}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
+    """One 50-update run from a random student, validated by retrieval."""
+    save = tmp_path_factory.mktemp("run") / "ckpt"
+    proc = hydra_train(save, *data_args(tiny_teacher, photo_folder, tiny_cifar), "model.student_init=random")
+    return save, proc.stdout + proc.stderr
+
+
+def test_loss_falls_clearly_over_50_updates(trained):
+    _, log = trained
+    losses = [float(r["loss"]) for r in json_log_lines(log, "train_inner")]
+    assert len(losses) >= 5
+    assert losses[-1] < 0.5 * losses[0], losses
+    last = json_log_lines(log, "train_inner")[-1]
+    assert int(last["num_updates"]) == 50
+    assert float(last["pred_var"]) > 0.1 and float(last["target_var"]) > 0.1
+
+
+def test_retrieval_metrics_reach_the_valid_log_and_pick_the_best_checkpoint(trained):
+    save, log = trained
+    valid = json_log_lines(log, "valid")
+    assert valid, log[-3000:]
+    names = [f"cifar{n}_{inv}top{k}" for n in (10, 100) for inv in ("", "inv_") for k in (1, 3)]
+    for name in names:
+        assert 0.0 <= float(valid[-1][f"valid_{name}"]) <= 100.0
+        assert f"valid_teacher_{name}" in valid[-1]
+    assert float(valid[-1]["valid_cifar10_top3"]) >= float(valid[-1]["valid_cifar10_top1"])
+    best = torch.load(save / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    assert best["cfg"]["checkpoint"]["best_checkpoint_metric"] == "cifar100_top1"
+    scores = [float(v["valid_cifar100_top1"]) for v in valid]
+    assert best["extra_state"]["best"] == pytest.approx(max(scores), abs=0.01)
+
+
+def test_student_checkpoint_excludes_teacher_blocks(trained, tiny_teacher):
+    save, _ = trained
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    keys = list(state["model"])
+    assert not [k for k in keys if k.startswith("distiller.teacher_blocks")]
+    assert any(k.startswith("distiller.shared_encoder.") for k in keys)
+    assert sum(k.startswith("distiller.student_blocks.1.") for k in keys) == 12
+    assert "teacher_arch" in state["task_state"], "the teacher architecture must be recorded"
+
+
+def test_trained_checkpoint_loads_for_inference_without_the_teacher_file(trained, tmp_path):
+    save, _ = trained
+    import fairseq_mmkd  # noqa: F401  (fairseq's loader does not import the user dir itself)
+    from fairseq import checkpoint_utils
+
+    from fairseq_mmkd.kd_model import load_student
+
+    teacher_gone = tmp_path / "gone.pt"  # the path recorded in the checkpoint no longer exists
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    state["cfg"]["model"]["teacher_checkpoint"] = str(teacher_gone)
+    state["cfg"]["task"]["data"] = str(tmp_path / "no_data")
+    moved = tmp_path / "student.pt"
+    torch.save(state, moved)
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(moved)], arg_overrides={"user_dir": str(REPO / "fairseq_mmkd")})
+    model = models[0].eval()
+    assert model.distiller.teacher_blocks is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    student = load_student(moved)
+    with torch.no_grad():
+        torch.testing.assert_close(student.forward_features(x), feats)
+    assert feats.shape == (2, 1 + 16, 32)
+
+
+def test_resume_continues_from_the_last_update_with_the_same_state(tmp_path, tiny_teacher, photo_folder):
+    # the cosine schedule spans 30 updates in both runs; the first resumed run just stops at 15
+    args = [*data_args(tiny_teacher, photo_folder), "lr_scheduler.max_update=30"]
+    straight = hydra_train(tmp_path / "straight", *args, "optimization.max_update=30")
+    hydra_train(tmp_path / "resumed", *args, "optimization.max_update=15")
+    resumed = hydra_train(tmp_path / "resumed", *args, "optimization.max_update=30")
+    out = resumed.stdout + resumed.stderr
+    assert "Loaded checkpoint" in out and "@ 15 updates" in out, out[-3000:]
+    first = json_log_lines(out, "train_inner")[0]
+    assert int(first["num_updates"]) > 15
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert b["optimizer_history"][-1]["num_updates"] == 30
+    assert b["optimizer_history"][-1]["lr_scheduler_state"] == a["optimizer_history"][-1]["lr_scheduler_state"]
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    exp_avg = lambda s: [v["exp_avg"] for v in s["last_optimizer_state"]["state"].values()]  # noqa: E731
+    for x, y in zip(exp_avg(a), exp_avg(b)):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_unreadable_images_are_skipped_counted_and_logged(tmp_path, tiny_teacher, photo_folder):
+    photos = tmp_path / "photos"
+    shutil.copytree(photo_folder, photos)
+    bad = photos / "class_0" / "broken.jpg"
+    bad.write_bytes(b"")
+    proc = hydra_train(tmp_path / "ckpt", *data_args(tiny_teacher, photos), "optimization.max_update=10",
+                       "task.max_bad_image_fraction=0.2")
+    out = proc.stdout + proc.stderr
+    assert "broken.jpg" in out
+    assert any(float(r.get("bad_images", 0)) >= 1 for r in json_log_lines(out, "train_inner") + json_log_lines(out, "train"))
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "missing_teacher", "teacher_is_not_d2v"])
+def test_bad_inputs_fail_before_training_with_a_clear_message(case, tmp_path, tiny_teacher, photo_folder):
+    teacher, data = tiny_teacher, photo_folder
+    if case == "missing_data":
+        data, expect = tmp_path / "nope", "nope"
+    elif case == "empty_data":
+        data = tmp_path / "empty"
+        data.mkdir()
+        expect = "no images"
+    elif case == "missing_teacher":
+        teacher, expect = tmp_path / "missing.pt", "file not found"
+    else:
+        teacher = tmp_path / "random.pt"
+        teacher.write_bytes(b"not a checkpoint at all")
+        expect = "not a PyTorch checkpoint"
+    save = tmp_path / "ckpt"
+    proc = hydra_train(save, *data_args(teacher, data), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert expect in out, out[-3000:]
+    assert "begin training" not in out
+    assert not (save / "checkpoint_last.pt").exists()
