@@ -149,6 +149,7 @@ class D2vKDTask(FairseqTask):
             raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
                                             "(a folder of images in ImageFolder layout, or a text file of paths)")
         paths = image_data.find_images(os.path.expanduser(cfg.data))
+        image_data.probe_images(paths)  # a folder of non-images fails here, in a second
         return cls(cfg, image_paths=paths, retrieval_sets=load_retrieval_sets(cfg) if cfg.retrieval else {})
 
     def state_dict(self):

@@ -77,6 +77,24 @@ def test_limit_and_mean_pooling(teacher_checkpoint, data_root, tmp_path):
     assert result["pooling"] == "mean" and result["cifar10_train_images"] == 5 and "cifar100_top1" not in result
 
 
+def test_custom_image_folder_set_is_named_by_the_user(teacher_checkpoint, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("test", 2)):
+        for cls, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (tmp_path / "photos" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 10, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / cls / f"{i}.png")
+    out = tmp_path / "custom.json"
+    assert main(["--checkpoint", str(teacher_checkpoint), "--teacher", "--custom", str(tmp_path / "photos"),
+                 "--custom-name", "photos", "--custom-size", "32", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert (result["photos_train_images"], result["photos_test_images"]) == (8, 4)
+    assert set(metric_names("photos")) <= set(result)
+
+
 def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
     model = tiny_model()
     calls = []

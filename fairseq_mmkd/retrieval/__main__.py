@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from .cifar import load_cifar
-from .evaluate import POOLINGS, evaluate_retrieval, metric_names
+from .evaluate import POOLINGS, SET_NAME, evaluate_retrieval, metric_names
 from .image_folder import load_image_folder_pair
 from .search import BACKENDS
 from .sets import RetrievalDataError
@@ -107,6 +107,8 @@ def run(args) -> Dict[str, object]:
     if not (args.cifar10 or args.cifar100 or args.custom):
         raise UsageError("pass at least one of --cifar10 DIR, --cifar100 DIR (or --custom DIR); "
                          "get CIFAR with `python scripts/prepare_data.py --cifar DIR`")
+    if args.custom and not SET_NAME.fullmatch(args.custom_name):
+        raise UsageError(f"--custom-name {args.custom_name!r} prefixes metric names: use letters, digits, '_' or '-'")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but PyTorch sees no CUDA device; use --device cpu")

@@ -26,6 +26,7 @@ from .sets import RetrievalSet
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("cls", "mean")
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # set names prefix metric names: no spaces or dots
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -175,7 +176,7 @@ def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], 
     """
     _check_pooling(pooling, num_extra_tokens)
     for name in sets:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
+        if not SET_NAME.fullmatch(name):
             raise ValueError(f"set name {name!r} is used as a metric prefix: use letters, digits, '_' or '-'")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

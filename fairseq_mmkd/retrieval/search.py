@@ -11,6 +11,7 @@ whole memory bank.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,6 +24,9 @@ BACKENDS = ("auto", "faiss", "torch")
 @functools.lru_cache(maxsize=1)
 def _faiss():
     """The faiss module, or None when it cannot be imported (then ``auto`` uses torch)."""
+    # faiss's loader logs each instruction set it tries (AVX512, AVX2, ...) at INFO/DEBUG: noise in a
+    # training log, where fairseq has set the root logger to INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except Exception:  # ImportError, or a broken binary build (missing shared libraries)
