@@ -7,7 +7,6 @@ the whole (possibly multi-GPU, multi-step) batch.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
@@ -53,11 +52,11 @@ class D2vKDCriterion(FairseqCriterion):
         self.cfg = cfg
 
     def forward(self, model, sample, reduce=True):
-        # under DDP ``model`` is the wrapper; the plugin's attributes live on the wrapped module
-        core = getattr(model, "module", model)
-        target_cfg = resolve_target_config(self.cfg, core.target_config)
+        # under distributed training ``model`` is fairseq's wrapper, which forwards attribute access to the
+        # plugin's model (``model.module`` would be the inner DDP object, not the plugin's model)
+        target_cfg = resolve_target_config(self.cfg, model.target_config)
         out = model(**sample["net_input"])
-        result = distillation_loss(core.distiller, out, target_cfg, self.cfg.include_extra_tokens)
+        result = distillation_loss(model.distiller, out, target_cfg, self.cfg.include_extra_tokens)
         nsamples = sample["nsamples"]
         logging_output = {
             "loss": result["loss_sum"].detach(),

@@ -218,13 +218,12 @@ class D2vKDTask(FairseqTask):
 
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        if self.retrieval_sets:
-            core = getattr(model, "module", model)
+        if self.retrieval_sets:  # ``model`` may be fairseq's distributed wrapper: it forwards attributes
             with torch.inference_mode():
-                student = self._evaluate(model.forward_features, core)
+                student = self._evaluate(model.forward_features, model)
                 if self.cfg.retrieval_teacher and self.teacher_metrics is None \
-                        and core.distiller.teacher_blocks is not None:
-                    self.teacher_metrics = self._evaluate(model.teacher_features, core)
+                        and model.distiller.teacher_blocks is not None:
+                    self.teacher_metrics = self._evaluate(model.teacher_features, model)
             logging_output.update({k: float(v) for k, v in student.items()})
             logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
             logging_output["retrieval_rounds"] = 1

@@ -1,0 +1,51 @@
+"""fairseq distributed training (2 CPU processes, gloo) equals one process with the same effective batch."""
+from __future__ import annotations
+
+import socket
+
+import torch
+
+from conftest import BIN, hydra_train, json_log_lines
+
+DISTRIBUTED = [
+    "distributed_training.distributed_world_size=2",
+    "distributed_training.distributed_backend=gloo",
+    "distributed_training.distributed_init_method=env://",
+    "distributed_training.distributed_no_spawn=true",
+    "distributed_training.distributed_rank=${oc.env:RANK}",
+    "distributed_training.ddp_backend=legacy_ddp",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path, tiny_teacher, photo_folder, tiny_cifar):
+    common = [f"task.data={photo_folder}", f"model.teacher_checkpoint={tiny_teacher}",
+              f"task.cifar10_root={tiny_cifar}", f"task.cifar100_root={tiny_cifar}",
+              "optimization.max_update=12", "dataset.validate_interval_updates=12", "model.student_init=random",
+              "dataset.batch_size=4"]
+    # per-process batch 4: two workers, or one worker accumulating 2 batches per update
+    one = hydra_train(tmp_path / "one", *common, "optimization.update_freq=[2]")
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}"]
+    two = hydra_train(tmp_path / "two", *common, *DISTRIBUTED, launcher=launcher,
+                      env={"MASTER_ADDR": "127.0.0.1"})
+    out_two = two.stdout + two.stderr
+    assert "distributed init (rank 1)" in out_two or "world_size=2" in out_two.replace(" ", ""), out_two[-2000:]
+
+    a = torch.load(tmp_path / "one" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 12
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+    va, vb = json_log_lines(one.stdout + one.stderr, "valid")[-1], json_log_lines(out_two, "valid")[-1]
+    for name in [k for k in va if "cifar" in k]:
+        assert float(va[name]) == float(vb[name]), name
+    ta = json_log_lines(one.stdout + one.stderr, "train")[-1]
+    tb = json_log_lines(out_two, "train")[-1]
+    assert abs(float(ta["train_loss"]) - float(tb["train_loss"])) < 1e-3
