@@ -148,15 +148,16 @@ def make_config(**overrides):
 
     if "yaml" not in _cache:
         hydra_init(_CONFIG_NAME)
-        with initialize_config_dir(config_dir=str(ref.root / "config" / "v2"), version_base=None), \
+        # version_base 1.1 is what fairseq's `@hydra.main` (no version_base) gets; with newer semantics
+        # the yaml's `# @package _group_` header would nest everything under a literal `_group_` key.
+        with initialize_config_dir(config_dir=str(ref.root / "config" / "v2"), version_base="1.1"), \
                 warnings.catch_warnings():
             # fairseq relies on hydra matching the yaml to the schema stored under the same name, which
             # hydra >= 1.1 still does but warns about; the warning is about hydra's future, not this test
-            warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
+            warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema")
             composed = compose(_CONFIG_NAME)
-        # hydra 1.3 keeps the yaml's `# @package _group_` as a literal key (hydra 1.0, which fairseq
-        # pinned, put it at the root); interpolations such as ${common.fp16} need it at the root.
-        _cache["yaml"] = OmegaConf.to_container(composed.get("_group_", composed), resolve=False)
+        # composed once; kept unresolved so each config resolves its own overrides (${model.depth}, ...)
+        _cache["yaml"] = OmegaConf.to_container(composed, resolve=False)
     cfg = OmegaConf.create(_cache["yaml"])
     add_defaults(cfg)
     settings = {"common.fp16": False, "common.cpu": True, "common.user_dir": str(ref.root),
@@ -283,8 +284,9 @@ def write_reference_checkpoint(path, seed: int = 0, train_steps: int = 1, numpy_
 
     The file is written by ``Trainer.save_checkpoint`` (after ``consolidate_optimizer``, as
     ``checkpoint_utils.save_checkpoint`` does), with the ``extra_state`` a training loop passes. With
-    ``numpy_metrics`` the fairseq metrics also hold numpy float64 meters, as logged by criteria that
-    return numpy values; torch >= 2.6 then refuses the file under its default ``weights_only`` load.
+    ``numpy_metrics`` the fairseq metrics also hold numpy float64 meters (what a criterion or task that
+    logs numpy values leaves there; the single-process trainer here logs only python numbers and 0-d
+    tensors). torch >= 2.6 refuses such files under its default ``weights_only`` load.
 
     Returns:
         the reference ``Data2VecMultiModel`` in eval mode, holding the saved weights.

@@ -163,7 +163,8 @@ def test_pickles_with_code_are_refused_not_run(tmp_path, monkeypatch):
 
 def test_write_cifar_rejects_channel_first_images(tmp_path):
     with pytest.raises(ValueError, match="NHWC"):
-        write_cifar(tmp_path, "cifar10", np.zeros((2, 3, 32, 32), np.uint8), [0, 1], np.zeros((1, 32, 32, 3), np.uint8), [0])
+        write_cifar(tmp_path, "cifar10", np.zeros((2, 3, 32, 32), np.uint8), [0, 1],
+                    np.zeros((1, 32, 32, 3), np.uint8), [0])
 
 
 # ---------------------------------------------------------------------------------------------- image folders

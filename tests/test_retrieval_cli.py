@@ -27,7 +27,8 @@ def write_colour_cifar(root, name, n_train, n_test, classes=3, seed=0):
 
     def split(n):
         labels = np.arange(n) % classes
-        return np.clip(palette[labels][:, None, None] + rng.normal(0, 20, (n, 32, 32, 3)), 0, 255).astype(np.uint8), labels
+        images = np.clip(palette[labels][:, None, None] + rng.normal(0, 20, (n, 32, 32, 3)), 0, 255)
+        return images.astype(np.uint8), labels
 
     write_cifar(root, name, *split(n_train), *split(n_test))
 

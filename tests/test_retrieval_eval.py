@@ -62,7 +62,8 @@ def test_preprocess_resizes_on_device_and_normalises():
     ramp = torch.arange(32, dtype=torch.uint8).repeat(1, 3, 32, 1) * 8
     expected = F.interpolate(ramp.float() / 255, size=(64, 64), mode="bicubic", antialias=False).clamp(0, 1)
     torch.testing.assert_close(preprocess(ramp, 64, "cpu"), (expected - mean[:, None, None]) / std[:, None, None])
-    torch.testing.assert_close(preprocess(ramp, 32, "cpu"), (ramp.float() / 255 - mean[:, None, None]) / std[:, None, None])
+    unresized = (ramp.float() / 255 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(preprocess(ramp, 32, "cpu"), unresized)
 
 
 def test_pool_features_cls_and_mean_exclude_the_right_tokens():
@@ -103,7 +104,8 @@ def test_bf16_dtype_runs_a_float32_model_and_returns_float32():
 def test_evaluate_retrieval_reports_eight_metrics_per_set():
     sets = {"cifar10": colour_set(), "cifar100": colour_set(20, 10, seed=1)}
     model = tiny_d2v()
-    metrics = evaluate_retrieval(lambda x: model(x)["x"], sets, input_size=32, num_extra_tokens=1, progress=False)
+    metrics = evaluate_retrieval(lambda x: model(x)["x"], sets, input_size=32, num_extra_tokens=1, device="cpu",
+                                 progress=False)
     expected = ["cifar10_top1", "cifar10_top3", "cifar10_inv_top1", "cifar10_inv_top3",
                 "cifar100_top1", "cifar100_top3", "cifar100_inv_top1", "cifar100_inv_top3"]
     assert list(metrics) == expected == metric_names("cifar10") + metric_names("cifar100")
@@ -113,7 +115,7 @@ def test_evaluate_retrieval_reports_eight_metrics_per_set():
 
 def test_cls_and_mean_pooling_read_different_tokens():
     sets = {"colours": colour_set()}
-    cls_only = dict(input_size=32, num_extra_tokens=1, progress=False)
+    cls_only = dict(input_size=32, num_extra_tokens=1, device="cpu", progress=False)
     # Colour in the CLS token: CLS pooling retrieves perfectly; the identical patch tokens carry nothing
     # (all scores tie, so every query retrieves memory items 0, 1, 2 = one of each class: top-3 is perfect).
     by_cls = evaluate_retrieval(colour_in_cls, sets, pooling="cls", **cls_only)
@@ -123,7 +125,8 @@ def test_cls_and_mean_pooling_read_different_tokens():
     assert by_mean["colours_top1"] == pytest.approx(100 / 3)
     # Colour in the patch tokens: mean pooling ignores the huge extra token, so it retrieves perfectly.
     assert set(evaluate_retrieval(colour_in_patches, sets, pooling="mean", **cls_only).values()) == {100.0}
-    assert evaluate_retrieval(colour_in_patches, sets, pooling="cls", **cls_only)["colours_top1"] == pytest.approx(100 / 3)
+    by_cls = evaluate_retrieval(colour_in_patches, sets, pooling="cls", **cls_only)
+    assert by_cls["colours_top1"] == pytest.approx(100 / 3)
 
 
 def test_set_names_must_be_metric_prefixes():
@@ -147,7 +150,7 @@ def _distributed_worker(rank, world_size, port, out_dir):
         fn = lambda x: model(x)["x"]  # noqa: E731
         sets = distributed_sets()
         metrics = evaluate_retrieval(fn, sets, input_size=32, num_extra_tokens=1, pooling="mean",
-                                     batch_size=3, progress=False)
+                                     batch_size=3, device="cpu", progress=False)
         emb = embed(fn, sets["colours"].train_images, 32, 1, "mean", batch_size=3, progress=False)
         torch.save({"metrics": metrics, "embeddings": emb}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -166,7 +169,7 @@ def test_two_gloo_ranks_get_the_single_process_result(tmp_path):
     fn = lambda x: model(x)["x"]  # noqa: E731
     sets = distributed_sets()
     single = evaluate_retrieval(fn, sets, input_size=32, num_extra_tokens=1, pooling="mean", batch_size=3,
-                                progress=False)
+                                device="cpu", progress=False)
     single_emb = embed(fn, sets["colours"].train_images, 32, 1, "mean", batch_size=3, progress=False)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cifar100", metavar="DIR", help="directory holding cifar-100-python/")
     p.add_argument("--custom", metavar="DIR", help="labelled image folders DIR/train/<class>/*, DIR/test/<class>/*")
     p.add_argument("--custom-name", default="custom", help="metric prefix of the --custom set")
-    p.add_argument("--custom-size", type=_positive_int, default=224, help="size images of the --custom set are stored at")
+    p.add_argument("--custom-size", type=_positive_int, default=224,
+                   help="square size the --custom images are stored at after decoding")
     p.add_argument("--pooling", choices=POOLINGS, default="cls",
                    help="image embedding: the CLS token or the mean of the patch tokens")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")

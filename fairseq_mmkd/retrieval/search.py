@@ -102,12 +102,15 @@ def _tie_aware_hits(memory: torch.Tensor, memory_labels: torch.Tensor, queries: 
     return torch.cat(hits)
 
 
-def _as_tensor(x, name: str, float_: bool) -> torch.Tensor:
+def _embeddings(x, name: str) -> torch.Tensor:
     t = torch.as_tensor(x)
-    if float_:
-        if t.ndim != 2 or not (t.is_floating_point()):
-            raise ValueError(f"{name} must be a float [N, D] array, got {t.dtype} {list(t.shape)}")
-        return t.float()
+    if t.ndim != 2 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float [N, D] array, got {t.dtype} {list(t.shape)}")
+    return t.float()
+
+
+def _labels(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
     if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer [N] array, got {t.dtype} {list(t.shape)}")
     return t.long()
@@ -140,9 +143,8 @@ def topk_accuracy(memory, memory_labels, queries, query_labels, ks: Sequence[int
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
 
-    memory, queries = _as_tensor(memory, "memory", True), _as_tensor(queries, "queries", True)
-    memory_labels = _as_tensor(memory_labels, "memory_labels", False)
-    query_labels = _as_tensor(query_labels, "query_labels", False)
+    memory, queries = _embeddings(memory, "memory"), _embeddings(queries, "queries")
+    memory_labels, query_labels = _labels(memory_labels, "memory_labels"), _labels(query_labels, "query_labels")
     if len(memory) != len(memory_labels) or len(queries) != len(query_labels):
         raise ValueError(f"{len(memory)} memory items with {len(memory_labels)} labels, "
                          f"{len(queries)} queries with {len(query_labels)} labels")
