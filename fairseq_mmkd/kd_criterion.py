@@ -7,6 +7,7 @@ the whole (possibly multi-GPU, multi-step) batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
@@ -37,6 +38,12 @@ class D2vKDCriterionConfig(FairseqDataclass):
         default=None, metadata={"help": f"layer-norm the averaged target ({_TEACHER_DEFAULT})"})
     instance_norm_targets: Optional[bool] = field(
         default=None, metadata={"help": f"instance-norm the averaged target ({_TEACHER_DEFAULT})"})
+    max_consecutive_nonfinite: int = field(
+        default=10, metadata={"help": "an update whose loss or gradients are NaN/inf is skipped (logged as "
+                                      "nonfinite_skipped); after this many in a row the run stops"})
+    min_pred_var: float = field(
+        default=0.01, metadata={"help": "warn when the student's prediction variance (pred_var) falls below this: "
+                                        "representation collapse (data2vec's threshold; 0: never)"})
 
 
 def resolve_target_config(cfg, teacher_targets: TargetConfig) -> TargetConfig:
@@ -74,14 +81,18 @@ class D2vKDCriterion(FairseqCriterion):
         total = lambda key: sum(float(log.get(key, 0)) for log in logging_outputs)  # noqa: E731
         sample_size = total("sample_size")
         nsamples = total("nsentences")
-        if sample_size:
-            metrics.log_scalar("loss", total("loss") / sample_size, sample_size, round=4)
+        # a step whose batches were all skipped as non-finite logs NaN with weight 0: the interval's average
+        # is unchanged, and fairseq does not log its -1 placeholder for a missing loss
+        metrics.log_scalar("loss", total("loss") / sample_size if sample_size else math.nan, sample_size, round=4)
         if nsamples:
             metrics.log_scalar("target_var", total("target_var") / nsamples, nsamples, round=3)
             metrics.log_scalar("pred_var", total("pred_var") / nsamples, nsamples, round=3)
         bad = total("bad_images")
         if bad:
             metrics.log_scalar_sum("bad_images", bad, round=0)
+        skipped = total("nonfinite_skipped")  # set by the task's train_step (fairseq_mmkd.guards)
+        if skipped:
+            metrics.log_scalar_sum("nonfinite_skipped", skipped, round=0)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

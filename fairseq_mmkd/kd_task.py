@@ -11,8 +11,11 @@ the teacher is loaded or the trainer starts.
 from __future__ import annotations
 
 import logging
+import re
 import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -23,10 +26,14 @@ from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from . import image_data
+from . import guards, image_data
+from .checkpoint import CheckpointError
 from .retrieval import evaluate_retrieval, load_cifar, load_image_folder_pair
+from .retrieval.examples import save_examples
 
 logger = logging.getLogger(__name__)
+
+guards.install_checkpoint_file_guards()  # fairseq copies checkpoint_last.pt in place: make it atomic
 
 
 @dataclass
@@ -61,6 +68,10 @@ class D2vKDTaskConfig(FairseqDataclass):
     retrieval_teacher: bool = field(default=True, metadata={
         "help": "also evaluate the teacher once per run and log it with a teacher_ prefix"})
     retrieval_progress: bool = field(default=False, metadata={"help": "show a progress bar while embedding"})
+    retrieval_examples: int = field(default=8, metadata={
+        "help": "at each validation draw this many fixed test queries of the first retrieval set with their "
+                "top-3 neighbours to SAVE_DIR/retrieval_examples.png (and one file per update); 0: off"})
+    save_dir: str = II("checkpoint.save_dir")
     reuse_dataloader: bool = field(default=False, metadata={
         "help": "fairseq: keep one DataLoader across epochs. Off so workers see each epoch's augmentation seed"})
     persistent_workers: bool = field(default=True, metadata={"help": "fairseq: keep DataLoader workers alive"})
@@ -136,6 +147,7 @@ class D2vKDTask(FairseqTask):
         self.input_size = cfg.input_size
         self.teacher_arch = None  # saved in checkpoints (task_state): rebuilds the model without the teacher
         self.inference_teacher_arch = None  # set only while fairseq rebuilds a trained checkpoint
+        self.guard = None  # guards.TrainingGuard, configured by the criterion (build_criterion)
 
     @classmethod
     def setup_task(cls, cfg: D2vKDTaskConfig, from_checkpoint: bool = False, **kwargs):
@@ -165,6 +177,8 @@ class D2vKDTask(FairseqTask):
         finally:
             self.inference_teacher_arch = None
         self.teacher_arch = model.teacher_arch
+        if not from_checkpoint:
+            check_teacher(model, cfg.teacher_checkpoint)
         teacher_size = model.input_size
         if self.cfg.input_size is not None and self.cfg.input_size != teacher_size:
             raise ValueError(f"task.input_size={self.cfg.input_size} differs from the teacher's input size "
@@ -172,6 +186,35 @@ class D2vKDTask(FairseqTask):
                              "task.input_size unset (or null)")
         self.input_size = teacher_size
         return model
+
+    def build_criterion(self, cfg, from_checkpoint: bool = False):
+        self.guard = guards.TrainingGuard.from_config(cfg)  # validates its settings before training starts
+        return super().build_criterion(cfg, from_checkpoint=from_checkpoint)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, *args, **kwargs):
+        if isinstance(dataset, ImageFairseqDataset) and max_tokens is None and \
+                (max_sentences is None or max_sentences < 1):
+            raise ValueError(f"dataset.batch_size={max_sentences}: fairseq reads it as 'no limit' and would put all "
+                             f"{len(dataset)} training images into one batch; set dataset.batch_size to the number "
+                             "of images per GPU (the seed recipe: 256)")
+        return super().get_batch_iterator(dataset, max_tokens, max_sentences, *args, **kwargs)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's forward/backward, then the numerical guard: a NaN/inf loss or gradient on any worker
+        zeroes the gradients and marks the update to be skipped in ``optimizer_step``."""
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                               ignore_grad=ignore_grad)
+        if self.guard is None:
+            self.guard = guards.TrainingGuard.from_config(getattr(criterion, "cfg", None))
+        if not guards.uses_loss_scaler(optimizer) and self.guard.check(loss, logging_output, model, update_num):
+            optimizer.zero_grad()
+            return loss, 0, guards.skipped_logging_output(logging_output)
+        return loss, sample_size, {**logging_output, "nonfinite_skipped": 0}
+
+    def optimizer_step(self, optimizer, model, update_num):
+        if self.guard is not None and self.guard.end_update(update_num):
+            return  # skipped: parameters and optimizer state stay as they were
+        super().optimizer_step(optimizer, model, update_num)
 
     def _images(self, train: bool):
         if self.input_size is None:
@@ -208,19 +251,37 @@ class D2vKDTask(FairseqTask):
             return "cls" if model.num_extra_tokens > 0 else "mean"
         return pooling
 
-    def _evaluate(self, feature_fn, model):
+    def _evaluate(self, feature_fn, model, on_embedded=None):
         dtype = next(model.parameters()).dtype
         return evaluate_retrieval(
             feature_fn, self.retrieval_sets, input_size=model.input_size,
             num_extra_tokens=model.num_extra_tokens, pooling=self.pooling(model),
             batch_size=self.cfg.retrieval_batch_size, device=next(model.parameters()).device,
-            dtype=dtype, progress=self.cfg.retrieval_progress)
+            dtype=dtype, progress=self.cfg.retrieval_progress, on_embedded=on_embedded)
+
+    def _example_writer(self, step):
+        """Draws the first retrieval set's fixed queries and neighbours (rank 0 only) from embeddings the
+        evaluation computes anyway."""
+        first = next(iter(self.retrieval_sets))
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if self.cfg.retrieval_examples <= 0 or not rank0 or not self.cfg.save_dir:
+            return None
+
+        def write(name, data, train, test):
+            if name == first:
+                folder = Path(self.cfg.save_dir)
+                path = save_examples(folder / "retrieval_examples" / f"update_{step:06d}.png", name, data, train,
+                                     test, count=self.cfg.retrieval_examples, step=step)
+                shutil.copyfile(path, folder / "retrieval_examples.png")
+
+        return write
 
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         if self.retrieval_sets:  # ``model`` may be fairseq's distributed wrapper: it forwards attributes
             with torch.inference_mode():
-                student = self._evaluate(model.forward_features, model)
+                student = self._evaluate(model.forward_features, model,
+                                         on_embedded=self._example_writer(model.num_updates))
                 if self.cfg.retrieval_teacher and self.teacher_metrics is None \
                         and model.distiller.teacher_blocks is not None:
                     self.teacher_metrics = self._evaluate(model.teacher_features, model)
@@ -240,6 +301,21 @@ class D2vKDTask(FairseqTask):
             metrics.log_scalar(name, value, weight=1, priority=300 if name.startswith("teacher_") else 250, round=2)
 
 
+def check_teacher(model, path) -> None:
+    """Refuse teachers that would train silently wrong: non-finite weights, or an input size that is not a
+    whole number of patches (the patch embedding would drop the remainder of every image)."""
+    enc = model.distiller.cfg.encoder
+    patch = getattr(enc, "patch_size", None)
+    if patch and enc.input_size % patch:
+        raise CheckpointError(f"{path}: input_size {enc.input_size} is not a multiple of patch_size {patch} in its "
+                              f"cfg.model, so the last {enc.input_size % patch} pixel rows and columns of every image "
+                              "would be dropped; this is not a valid data2vec 2.0 image checkpoint")
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
+                              "checkpoint is corrupt, fetch it again")
+
+
 def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
     """Read every configured retrieval set into memory now, so missing files fail before training."""
     limit = cfg.retrieval_limit or None
@@ -250,7 +326,7 @@ def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
             sets[name] = load_cifar(os.path.expanduser(root), name, limit=limit)
     if cfg.retrieval_folder:
         folder = os.path.expanduser(cfg.retrieval_folder)
-        name = os.path.basename(os.path.normpath(folder)).replace("-", "_") or "custom"
+        name = re.sub(r"[^A-Za-z0-9_]", "_", os.path.basename(os.path.normpath(folder))).strip("_") or "custom"
         sets[name] = load_image_folder_pair(folder, limit=limit)
     if not sets:
         raise ValueError("task.retrieval=true but no retrieval data is configured: set task.cifar10_root and/or "

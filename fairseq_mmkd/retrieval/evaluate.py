@@ -152,7 +152,7 @@ def embed(feature_fn: FeatureFn, images: torch.Tensor, input_size: int, num_extr
 def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], input_size: int,
                        num_extra_tokens: int, pooling: str = "cls", batch_size: int = 256, device=None,
                        dtype: Optional[torch.dtype] = None, ks: Sequence[int] = (1, 3), backend: str = "auto",
-                       progress: bool = True) -> Dict[str, float]:
+                       progress: bool = True, on_embedded: Optional[Callable] = None) -> Dict[str, float]:
     """Retrieval accuracy of an encoder on labelled image sets, in both directions.
 
     The caller puts the model in eval mode; this function only runs ``feature_fn`` without gradients.
@@ -169,6 +169,8 @@ def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], 
         ks: the k of each top-k metric.
         backend: nearest-neighbour search backend (``"auto"``, ``"faiss"``, ``"torch"``); see ``topk_accuracy``.
         progress: show tqdm bars (rank 0 only).
+        on_embedded: optional ``fn(name, data, train_embeddings, test_embeddings)`` called per set, so callers
+            can reuse the embeddings (e.g. to draw retrieval examples) instead of computing them again.
 
     Returns:
         ``{f"{name}_top{k}": percent, f"{name}_inv_top{k}": percent}`` for every set and k, Python floats,
@@ -186,6 +188,8 @@ def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], 
     for name, data in sets.items():
         train = embed(feature_fn, data.train_images, desc=f"{name} train", **kwargs)
         test = embed(feature_fn, data.test_images, desc=f"{name} test", **kwargs)
+        if on_embedded is not None:
+            on_embedded(name, data, train, test)
         forward = topk_accuracy(train, data.train_labels, test, data.test_labels, ks, backend=backend)
         inverse = topk_accuracy(test, data.test_labels, train, data.train_labels, ks, backend=backend)
         metrics.update({f"{name}_top{k}": forward[k] for k in ks})

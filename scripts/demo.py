@@ -1,0 +1,198 @@
+"""The offline demo: build data and (if needed) a teacher, run the real training, print the outcome.
+
+Called by scripts/demo.sh in two steps:
+    python scripts/demo.py prepare --out DIR [--teacher CKPT]   # data + teacher, printed as shell variables
+    python scripts/demo.py report --out DIR --seconds N         # the final table
+
+Data: the photographs bundled with scikit-image (no download). Random crops of them form the training
+ImageFolder (labels ignored by training), and a labelled retrieval set in CIFAR-100's pickle layout whose
+class is the source photograph; its train and test crops come from different positions of the photo.
+Teacher: the checkpoint you pass, or a small randomly initialised data2vec2 ViT written with the plugin's
+own code. A random ViT's pooled features still carry colour and texture statistics, so it retrieves
+photo crops far above chance; the randomly initialised student climbs towards it as it learns to mimic it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ["astronaut", "brick", "camera", "chelsea", "cell", "clock", "coffee", "coins", "colorwheel", "grass",
+          "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina",
+          "rocket", "stereo_motorcycle", "text"]
+DEMO_TEACHER = dict(embed_dim=192, num_heads=3, depth=4, prenet_depth=1, input_size=64, patch_size=8)
+
+
+def load_photos() -> dict:
+    import skimage.data
+
+    photos = {}
+    for name in PHOTOS:
+        img = getattr(skimage.data, name)()
+        if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
+            img = img[0]
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            img = (255 * (img - img.min()) / max(float(img.max() - img.min()), 1e-8)).astype(np.uint8)
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        photos[name] = img[:, :, :3]
+    return photos
+
+
+def random_crop(img, rng, min_frac, max_frac, region=None):
+    """A random square crop; ``region`` = (cell parity) keeps its centre in alternating 4x4 grid cells."""
+    h, w = img.shape[:2]
+    side = int(min(h, w) * rng.uniform(min_frac, max_frac))
+    for _ in range(1000):
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        cy, cx = (top + side / 2) * 4 // h, (left + side / 2) * 4 // w
+        if region is None or int(cy + cx) % 2 == region:
+            return img[top:top + side, left:left + side]
+    raise RuntimeError("no crop found")
+
+
+def prepare(out: Path, teacher: str | None, train_per_photo: int, retrieval_train: int, retrieval_test: int,
+            seed: int = 0) -> dict:
+    from PIL import Image
+
+    from fairseq_mmkd.retrieval import write_cifar
+
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    train_dir = out / "data" / "train"
+    if not train_dir.exists():
+        for name, img in photos.items():
+            (train_dir / name).mkdir(parents=True, exist_ok=True)
+            for i in range(train_per_photo):
+                crop = Image.fromarray(random_crop(img, rng, 0.3, 0.9)).resize((128, 128), Image.BICUBIC)
+                crop.save(train_dir / name / f"{i:03d}.jpg", quality=90)
+    cifar_root = out / "data" / "retrieval"
+    if not (cifar_root / "cifar-100-python").exists():
+        def split(n, region):
+            imgs, labels = [], []
+            for label, img in enumerate(photos.values()):
+                for _ in range(n):
+                    crop = random_crop(img, rng, 0.2, 0.45, region)
+                    imgs.append(np.asarray(Image.fromarray(crop).resize((32, 32), Image.BICUBIC)))
+                    labels.append(label)
+            return np.stack(imgs), labels
+
+        (tr, trl), (te, tel) = split(retrieval_train, 0), split(retrieval_test, 1)
+        write_cifar(cifar_root, "cifar100", tr, trl, te, tel)
+    made_teacher = teacher is None
+    if made_teacher:
+        teacher = str(out / "teacher_random_d2v2.pt")
+        if not Path(teacher).exists():
+            write_random_teacher(teacher, seed)
+    return {"DATA": str(train_dir), "RETRIEVAL": str(cifar_root), "TEACHER": teacher,
+            "RANDOM_TEACHER": int(made_teacher)}
+
+
+def write_random_teacher(path, seed: int = 0) -> None:
+    """data2vec2's own initialisation (truncated normal weights, N(0, 1) CLS token), saved in fairseq layout."""
+    import torch
+
+    from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
+    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.distill import init_random_
+    from fairseq_mmkd.encoders.image import ImageEncoderConfig
+
+    t = DEMO_TEACHER
+    cfg = D2vConfig(embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
+                    encoder=ImageEncoderConfig(input_size=t["input_size"], patch_size=t["patch_size"],
+                                               embed_dim=t["embed_dim"], prenet_depth=t["prenet_depth"],
+                                               num_extra_tokens=1),
+                    targets=TargetConfig(average_top_k_layers=t["depth"]))
+    torch.manual_seed(seed)
+    model = D2vModel(cfg)
+    init_random_(model)
+    torch.nn.init.normal_(model.encoder.extra_tokens)
+    save_d2v_checkpoint(model, path)
+
+
+def json_lines(log: Path, kind: str) -> list:
+    rows = []
+    for line in log.read_text().splitlines():
+        if f"[{kind}][" in line and "{" in line:
+            try:
+                rows.append(json.loads(line[line.index("{"):]))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def report(out: Path, seconds: float, random_teacher: bool) -> int:
+    import torch
+
+    save = out / "checkpoints"
+    log = save / "hydra" / "hydra_train.log"
+    valid = json_lines(log, "valid")
+    if not valid:
+        print(f"no validation results in {log}", file=sys.stderr)
+        return 1
+    first, last = valid[0], valid[-1]
+    names = [("top-1", "cifar100_top1"), ("top-3", "cifar100_top3"), ("inverse top-1", "cifar100_inv_top1"),
+             ("inverse top-3", "cifar100_inv_top3")]
+    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    student = sum(v.numel() for k, v in ckpt["model"].items() if ".student_blocks." in k or ".head." in k)
+    encoder = sum(v.numel() for k, v in ckpt["model"].items() if ".shared_encoder." in k)
+    from fairseq_mmkd import load_d2v_image
+
+    teacher = load_d2v_image(ckpt["cfg"]["model"]["teacher_checkpoint"])
+    teacher_blocks = sum(p.numel() for p in teacher.blocks.parameters())
+    ips = [float(r["wps"]) for r in json_lines(log, "train_inner")]
+    n_classes = len(PHOTOS)
+
+    print()
+    print("=" * 72)
+    print(f"fairseq_mmkd demo: {'RANDOMLY INITIALISED demo teacher' if random_teacher else 'your teacher'}, "
+          f"{int(last['valid_num_updates']) if 'valid_num_updates' in last else '?'} updates")
+    print(f"zero-shot retrieval of scikit-image photo crops ({n_classes} classes, chance "
+          f"{100 / n_classes:.0f}% top-1), CIFAR-100 layout")
+    print("-" * 72)
+    print(f"{'metric':<16}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
+    for label, key in names:
+        t = last.get(f"valid_teacher_{key}", "n/a")
+        print(f"{label:<16}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}{last.get(f'valid_{key}', 'n/a'):>16}")
+    print("-" * 72)
+    print(f"parameters: trainable student {student / 1e6:.2f}M | frozen shared encoder {encoder / 1e6:.2f}M | "
+          f"teacher blocks (not saved) {teacher_blocks / 1e6:.2f}M")
+    if ips:
+        print(f"training speed: {sum(ips) / len(ips):.0f} images/s (mean of logged intervals, this machine)")
+    print(f"distillation loss: {json_lines(log, 'train_inner')[0]['loss']} at the start -> "
+          f"{json_lines(log, 'train_inner')[-1]['loss']} at the end")
+    print(f"checkpoints: {save}/checkpoint_best.pt, checkpoint_last.pt")
+    print(f"log: {log}   pictures: {save}/retrieval_examples.png, {out}/metrics.png")
+    print(f"demo took {seconds:.0f} s")
+    print("=" * 72)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--teacher", default=None)
+    a.add_argument("--train-per-photo", type=int, default=40)
+    a.add_argument("--retrieval-train", type=int, default=30)
+    a.add_argument("--retrieval-test", type=int, default=10)
+    b = sub.add_parser("report")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--seconds", type=float, default=0.0)
+    b.add_argument("--random-teacher", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.cmd == "prepare":
+        for k, v in prepare(args.out, args.teacher, args.train_per_photo, args.retrieval_train,
+                            args.retrieval_test).items():
+            print(f"{k}={v}")
+        return 0
+    return report(args.out, args.seconds, bool(args.random_teacher))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
