@@ -48,7 +48,7 @@ class D2vKDTaskConfig(FairseqDataclass):
         "help": "RandomResizedCrop minimum area fraction (data2vec2 image pretraining: 0.2)"})
     max_bad_image_fraction: float = field(default=0.01, metadata={
         "help": "stop with an error when more than this fraction of the images read so far is unreadable"})
-    seed: int = II("common.seed")
+    seed: int = field(default=II("common.seed"), metadata={"help": "augmentation seed (fairseq's common.seed)"})
     valid_kd_images: int = field(default=64, metadata={
         "help": "validation distillation loss is measured on this many training images (centre crops)"})
     retrieval: bool = field(default=True, metadata={
@@ -71,7 +71,8 @@ class D2vKDTaskConfig(FairseqDataclass):
     retrieval_examples: int = field(default=8, metadata={
         "help": "at each validation draw this many fixed test queries of the first retrieval set with their "
                 "top-3 neighbours to SAVE_DIR/retrieval_examples.png (and one file per update); 0: off"})
-    save_dir: str = II("checkpoint.save_dir")
+    save_dir: str = field(default=II("checkpoint.save_dir"), metadata={
+        "help": "where validation pictures go (fairseq's checkpoint.save_dir)"})
     reuse_dataloader: bool = field(default=False, metadata={
         "help": "fairseq: keep one DataLoader across epochs. Off so workers see each epoch's augmentation seed"})
     persistent_workers: bool = field(default=True, metadata={"help": "fairseq: keep DataLoader workers alive"})

@@ -1,0 +1,77 @@
+"""Generate README's configuration reference from the plugin's dataclasses, so the two cannot drift.
+
+    python scripts/config_reference.py            # print the reference (markdown)
+    python scripts/config_reference.py --write    # replace the block between the markers in README.md
+    python scripts/config_reference.py --check    # exit 1 if README.md is out of date (used by the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+
+
+def _default(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "(required)"
+    text = str(value)
+    if text.startswith("${"):
+        return f"`{text}`"
+    return "`null`" if value is None else f"`{text}`"
+
+
+def reference() -> str:
+    from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
+    from fairseq_mmkd.kd_model import D2vKDModelConfig
+    from fairseq_mmkd.kd_task import D2vKDTaskConfig
+
+    out = []
+    for section, cls in (("task", D2vKDTaskConfig), ("model", D2vKDModelConfig),
+                         ("criterion", D2vKDCriterionConfig)):
+        out += [f"**`{section}`** (`_name: d2v_kd`, `{cls.__module__}.{cls.__name__}`)", "",
+                "| option | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            meaning = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| `{section}.{f.name}` | {_default(f)} | {meaning} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def readme_block(text: str) -> str:
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[start:end].strip("\n") + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true")
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    ref = reference()
+    if not (args.write or args.check):
+        print(ref, end="")
+        return 0
+    text = README.read_text()
+    if args.check:
+        if readme_block(text) != ref:
+            print("README.md configuration reference is out of date: run python scripts/config_reference.py --write",
+                  file=sys.stderr)
+            return 1
+        return 0
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    README.write_text(text[:start] + "\n" + ref + text[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

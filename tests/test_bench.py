@@ -1,0 +1,113 @@
+"""The benchmark scripts run end to end at tiny sizes, and the GPU one needs nothing but torch.
+
+``scripts/bench_gpu.sh`` is run once on a GPU machine that has torch but no fairseq, faiss, omegaconf or
+hydra; these tests hide those packages (``sys.modules[name] = None`` in a ``sitecustomize``) and run its
+``--cpu-tiny`` mode, the same code path on CPU, so a stray import or a broken stage shows up here first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN = ("fairseq", "faiss", "omegaconf", "hydra")
+CORE_MODULES = ("fairseq_mmkd.d2v_model", "fairseq_mmkd.layers", "fairseq_mmkd.distill", "fairseq_mmkd.kd_loss",
+                "fairseq_mmkd.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search")
+
+
+@pytest.fixture
+def hidden_env(tmp_path):
+    """Environment for a subprocess in which fairseq, faiss, omegaconf and hydra cannot be imported."""
+    site = tmp_path / "hide"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HIDDEN))
+    return {**os.environ, "PYTHONPATH": str(site), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def test_core_imports_without_fairseq_faiss_or_omegaconf(hidden_env):
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in CORE_MODULES)
+            + "import fairseq_mmkd.retrieval.search as s\n"
+            + "assert not s.faiss_available()\n"
+            + f"print([m for m in {HIDDEN!r} if sys.modules.get(m) is not None])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**hidden_env, "PYTHONPATH": f"{REPO}:{hidden_env['PYTHONPATH']}"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_gpu_bench_cpu_tiny_runs_with_torch_only(hidden_env, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "scripts/bench_gpu.sh", "--cpu-tiny"], cwd=REPO, env={**hidden_env, "OUT": str(out)},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "bench_gpu.json").read_text())
+
+    assert not any(res["env"]["importable"].values()), res["env"]  # the hiding worked ...
+    assert not any(res["env"]["loaded"].values()), res["env"]  # ... and nothing loaded them anyway
+    assert res["matmul_tflops"] > 0
+    assert res["flops"]["total_gflop"] > 0 and "block = " in res["flops"]["formula"]
+    assert set(res["kd"]) == {"eager", "eager_forward", "compile_blocks", "compile_step"}
+    for name, r in res["kd"].items():
+        assert "error" not in r, (name, r)
+        for key in ("images_per_s", "step_ms", "peak_mem_gib", "achieved_tflops", "mfu_vs_measured",
+                    "mfu_vs_nominal"):
+            assert r[key] > 0, (name, key, r)
+    assert res["kd"]["compile_step"]["compile_s"] >= 0
+    assert res["embed"]["student_s"] > 0 and res["embed"]["teacher_s"] > 0
+    assert len(res["search"]["searches"]) == 4 and res["search"]["total_s"] > 0
+    assert res["validation_s"] > 0 and res["best_kd"]["images_per_s"] > 0
+
+    md = (out / "bench_gpu.md").read_text()
+    for row in ("| eager |", "| compile_blocks |", "| compile_step |", "Validation round"):
+        assert row in md
+    assert "MFU vs matmul" in proc.stdout  # the table is printed too
+
+
+def test_cpu_bench_quick_replaces_only_its_section(tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text("# Benchmarks\n\nkept above\n\n<!-- bench.py:begin -->\nstale numbers\n<!-- bench.py:end -->\n"
+                      "\nkept below\n")
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--output", str(output)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = output.read_text()
+    assert "kept above" in text and "kept below" in text and "stale numbers" not in text
+    assert text.count("<!-- bench.py:begin -->") == 1
+    assert re.search(r"Date: .*commit `\w+`", text) and "Command: `python scripts/bench.py --quick" in text
+    assert "torch " in text and "cores" in text
+
+    def ratio_row(*words):
+        rows = [line for line in text.splitlines() if line.startswith("|") and all(w in line for w in words)]
+        assert rows, f"no table row with {words}:\n{text}"
+        assert re.search(r"×\d+\.\d\d", rows[0]), rows[0]
+
+    ratio_row("KD update", "throughput", "naive")
+    ratio_row("KD update", "peak memory", "naive")
+    ratio_row("Teacher forward vs fairseq")
+    ratio_row("Retrieval embedding")
+    ratio_row("Exact search", "torch")
+    ratio_row("Data pipeline", "500x375")
+    ratio_row("Data pipeline", "1600x1200")
+    diff = re.search(r"max abs difference of the last layer output \| ([0-9.e+-]+) \|", text)
+    assert diff and float(diff.group(1)) < 1e-4, text
+
+
+def test_gpu_results_paste_into_their_own_section(tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    gpu_md = tmp_path / "bench_gpu.md"
+    gpu_md.write_text("## GPU benchmark\n\n| eager | 4000 |\n")
+    for _ in range(2):  # the second paste replaces the first
+        proc = subprocess.run([sys.executable, "scripts/bench.py", "--gpu-md", str(gpu_md), "--output", str(output)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    text = output.read_text()
+    assert text.count("| eager | 4000 |") == 1 and "Not run yet" not in text
+    assert "<!-- bench.py:begin -->" not in text  # the CPU section is written by a benchmark run only
