@@ -69,12 +69,7 @@ class D2vKDModel(BaseFairseqModel):
         self.distiller = Distiller(teacher, student_depth=cfg.student_depth, student_init=str(cfg.student_init),
                                    prediction=str(cfg.prediction), drop_path=cfg.drop_path,
                                    keep_teacher_blocks=keep_teacher_blocks)
-        self.num_updates = 0
         self._register_state_dict_hook(_drop_teacher_blocks)
-
-    def set_num_updates(self, num_updates):
-        super().set_num_updates(num_updates)
-        self.num_updates = num_updates  # validation pictures are labelled with it
 
     @classmethod
     def build_model(cls, cfg: D2vKDModelConfig, task=None):

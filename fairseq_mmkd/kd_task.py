@@ -282,7 +282,7 @@ class D2vKDTask(FairseqTask):
         if self.retrieval_sets:  # ``model`` may be fairseq's distributed wrapper: it forwards attributes
             with torch.inference_mode():
                 student = self._evaluate(model.forward_features, model,
-                                         on_embedded=self._example_writer(model.num_updates))
+                                         on_embedded=self._example_writer(completed_updates()))
                 if self.cfg.retrieval_teacher and self.teacher_metrics is None \
                         and model.distiller.teacher_blocks is not None:
                     self.teacher_metrics = self._evaluate(model.teacher_features, model)
@@ -315,6 +315,12 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def completed_updates() -> int:
+    """The trainer's update counter (it logs ``num_updates`` to fairseq's always-active default meters)."""
+    meter = metrics.get_meter("default", "num_updates")
+    return int(meter.val) if meter is not None and meter.val is not None else 0
 
 
 def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
