@@ -135,6 +135,13 @@ class Distiller(nn.Module):
             "student_x": student["x"],
         }
 
+    def loss(self, source: torch.Tensor, target_cfg, include_extra_tokens: bool = True) -> dict:
+        """Forward and distillation loss in one function: the unit ``torch.compile`` fuses best (the
+        target normalisations fuse with the last matmuls; see BENCHMARKS.md)."""
+        from .kd_loss import distillation_loss
+
+        return distillation_loss(self, self(source), target_cfg, include_extra_tokens)
+
     def forward_features(self, source: torch.Tensor) -> torch.Tensor:
         """Student features ``[B, T, D]`` (extra tokens first): what retrieval embeds."""
         return self.run_student(self.encode(source))["x"]

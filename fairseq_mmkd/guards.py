@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 import os
 import shutil
 from typing import Callable, Optional
@@ -159,7 +158,8 @@ class TrainingGuard:
         self.min_pred_var = float(min_pred_var)
         self.reduce_max = reduce_max or all_reduce_max
         self.collapse_warning_interval = collapse_warning_interval
-        self.pending_cause: Optional[str] = None  # set by check() for the update being accumulated
+        self.pending_cause: Optional[str] = None  # set by check() for the update being accumulated...
+        self.pending_update: Optional[int] = None  # ...which is this one (a stale mark, e.g. after an OOM, is dropped)
         self.consecutive = 0
         self.skipped_total = 0
         self.last_finite_update: Optional[int] = None
@@ -170,8 +170,7 @@ class TrainingGuard:
         return cls(max_consecutive_nonfinite=getattr(cfg, "max_consecutive_nonfinite", 10),
                    min_pred_var=getattr(cfg, "min_pred_var", 0.01))
 
-    def check(self, loss: torch.Tensor, logging_output: dict, model: torch.nn.Module, update_num: int,
-              check_grads: bool = True) -> bool:
+    def check(self, loss: torch.Tensor, logging_output: dict, model: torch.nn.Module, update_num: int) -> bool:
         """After one micro-batch's backward: True when this update must be skipped (on every worker).
 
         One small all-reduce and one device sync per micro-batch; the trainer syncs per step anyway.
@@ -184,8 +183,9 @@ class TrainingGuard:
         loss_bad = (~torch.isfinite(as_tensor(loss).to(device))).float()
         target_var = logging_output.get("target_var")
         targets_bad = (~torch.isfinite(as_tensor(target_var).to(device))).float() if target_var is not None else zero
-        grads = [p.grad for p in model.parameters() if p.grad is not None] if check_grads else []
-        grads_bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads).float().to(device))).float() if grads else zero
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads).float().to(device) if grads else zero
+        grads_bad = (~torch.isfinite(grad_norm)).float()
         nsamples = float(logging_output.get("nsentences", 0) or 0)
         pred_var = logging_output.get("pred_var")
         pred_var = (as_tensor(pred_var).to(device) / nsamples) if pred_var is not None and nsamples else zero - 1
@@ -193,6 +193,8 @@ class TrainingGuard:
         stats = self.reduce_max(torch.stack([targets_bad, loss_bad, grads_bad, pred_var.nan_to_num(-1.0)]))
         targets_bad, loss_bad, grads_bad, pred_var = stats.tolist()
         cause = "targets" if targets_bad else "loss" if loss_bad else "grads" if grads_bad else None
+        if self.pending_update != update_num:
+            self.pending_cause, self.pending_update = None, update_num
         if cause:
             self.pending_cause = self.pending_cause or cause
             return True
@@ -202,7 +204,8 @@ class TrainingGuard:
 
     def end_update(self, update_num: int) -> bool:
         """At the optimizer step of update ``update_num + 1``: True when it is skipped; raises after too many."""
-        cause, self.pending_cause = self.pending_cause, None
+        cause = self.pending_cause if self.pending_update == update_num else None
+        self.pending_cause = self.pending_update = None
         if cause is None:
             self.consecutive = 0
             self.last_finite_update = update_num + 1
@@ -215,8 +218,9 @@ class TrainingGuard:
                     else "no update of this run was finite")
             msg = (f"stopping: the loss or gradients were NaN/inf in {self.consecutive} consecutive updates "
                    f"(criterion.max_consecutive_nonfinite={self.max_consecutive}; {last}). Most likely cause: "
-                   f"{LIKELY_CAUSES[cause]}. Other possible causes: {'; '.join(others)}. checkpoint_last.pt "
-                   "holds the last saved finite state.")
+                   f"{LIKELY_CAUSES[cause]}. Other possible causes: {'; '.join(others)}. The skipped updates changed "
+                   "no weights, but the weights may have diverged before them: fix the cause and resume from a "
+                   "checkpoint saved before the problem began.")
             logger.error(msg)
             raise NonFiniteTrainingError(msg)
         logger.warning(f"update {update_num + 1} skipped ({self.consecutive} in a row; the run stops at "
@@ -235,8 +239,7 @@ class TrainingGuard:
 
 
 def skipped_logging_output(logging_output: dict) -> dict:
-    """What a skipped micro-batch reports: it counts as skipped and contributes nothing to the averages."""
+    """What a non-finite micro-batch reports: nothing to the averages (its unreadable images still count)."""
     out = {k: 0 for k in logging_output}
     out["bad_images"] = logging_output.get("bad_images", 0)
-    out["nonfinite_skipped"] = 1
     return out

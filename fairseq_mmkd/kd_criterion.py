@@ -15,7 +15,6 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
-from .kd_loss import distillation_loss
 from .targets import TargetConfig
 
 _TEACHER_DEFAULT = "default: the teacher checkpoint's own setting"
@@ -62,8 +61,7 @@ class D2vKDCriterion(FairseqCriterion):
         # under distributed training ``model`` is fairseq's wrapper, which forwards attribute access to the
         # plugin's model (``model.module`` would be the inner DDP object, not the plugin's model)
         target_cfg = resolve_target_config(self.cfg, model.target_config)
-        out = model(**sample["net_input"])
-        result = distillation_loss(model.distiller, out, target_cfg, self.cfg.include_extra_tokens)
+        result = model(**sample["net_input"], targets=target_cfg, include_extra_tokens=self.cfg.include_extra_tokens)
         nsamples = sample["nsamples"]
         logging_output = {
             "loss": result["loss_sum"].detach(),
@@ -90,9 +88,6 @@ class D2vKDCriterion(FairseqCriterion):
         bad = total("bad_images")
         if bad:
             metrics.log_scalar_sum("bad_images", bad, round=0)
-        skipped = total("nonfinite_skipped")  # set by the task's train_step (fairseq_mmkd.guards)
-        if skipped:
-            metrics.log_scalar_sum("nonfinite_skipped", skipped, round=0)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

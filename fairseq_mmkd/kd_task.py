@@ -210,10 +210,11 @@ class D2vKDTask(FairseqTask):
         if not guards.uses_loss_scaler(optimizer) and self.guard.check(loss, logging_output, model, update_num):
             optimizer.zero_grad()
             return loss, 0, guards.skipped_logging_output(logging_output)
-        return loss, sample_size, {**logging_output, "nonfinite_skipped": 0}
+        return loss, sample_size, logging_output
 
     def optimizer_step(self, optimizer, model, update_num):
         if self.guard is not None and self.guard.end_update(update_num):
+            metrics.log_scalar_sum("nonfinite_skipped", 1, round=0)  # counts updates, in the train log
             return  # skipped: parameters and optimizer state stay as they were
         super().optimizer_step(optimizer, model, update_num)
 

@@ -37,8 +37,8 @@ def test_core_imports_without_fairseq_faiss_or_omegaconf(hidden_env):
             + "import fairseq_mmkd.retrieval.search as s\n"
             + "assert not s.faiss_available()\n"
             + f"print([m for m in {HIDDEN!r} if sys.modules.get(m) is not None])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**hidden_env, "PYTHONPATH": f"{REPO}:{hidden_env['PYTHONPATH']}"},
-                          capture_output=True, text=True, timeout=120)
+    env = {**hidden_env, "PYTHONPATH": f"{REPO}:{hidden_env['PYTHONPATH']}"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 

@@ -138,3 +138,30 @@ def test_criterion_target_overrides_replace_the_teachers_settings(tiny_teacher):
 def test_impossible_student_depths_fail_clearly(tiny_teacher, depth, init):
     with pytest.raises(ValueError, match="student_depth"):
         build(tiny_teacher, student_depth=depth, student_init=init)
+
+
+def test_model_compile_switch_keeps_the_loss_and_gradients(tiny_teacher, monkeypatch):
+    """`model.compile=true` wraps forward + loss in torch.compile; the numbers must not change. (Inductor
+    itself is exercised on the GPU benchmark; here dynamo traces with the eager backend to stay fast.)"""
+    eager, criterion = build(tiny_teacher)
+    calls = []
+    real_compile = torch.compile
+
+    def tracing_compile(fn, **kw):
+        calls.append(fn)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", tracing_compile)
+    compiled, _ = build(tiny_teacher, compile=True)
+    assert len(calls) == 1
+    compiled.load_state_dict(eager.state_dict())
+    s = sample()
+    results = []
+    for m in (eager, compiled):
+        m.train()
+        loss, size, log = criterion(m, s)
+        (loss / size).backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)

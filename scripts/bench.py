@@ -1,0 +1,641 @@
+#!/usr/bin/env python
+"""CPU benchmark of the plugin against baselines measured in the same run; updates a section of BENCHMARKS.md.
+
+    python scripts/bench.py                    # ViT-B/16 sizes, a few minutes on 2 cores
+    python scripts/bench.py --quick --output /tmp/B.md   # tiny sizes, seconds (the tests run this)
+    python scripts/bench.py --gpu-md $OUT/bench_gpu.md   # only paste scripts/bench_gpu.sh's result into BENCHMARKS.md
+
+Every figure is a ratio against a baseline timed in the same run, with both absolute numbers:
+
+* KD update at data2vec 2.0 ViT-B/16 sizes (2 prenet + 10 teacher blocks, 6 student blocks, 768 wide, 224 px,
+  197 tokens), randomly initialised, small batch: images/s and peak memory. *This implementation* is
+  ``Distiller`` + ``distillation_loss`` (shared encoder once under ``no_grad``, teacher without autograd,
+  ``scaled_dot_product_attention``, fused AdamW). The *naive baseline* is what a straightforward loop does:
+  the encoder runs twice (inside the teacher model, then again for the student), the teacher runs with
+  autograd on (its weights left trainable, its outputs kept until the step ends), attention is a manual
+  softmax (patched into ``Attention.forward`` inside the baseline's process only) and AdamW is the
+  per-parameter loop (``foreach=False``); all fp32. Each side runs in its own spawned process, so peak memory
+  (growth of the resident set over the steps, from ``/proc/self/status`` VmHWM after resetting it) is its own;
+  the two processes take turns step by step, so load from other jobs on the machine hits both alike.
+* Teacher forward: ``D2vModel`` vs fairseq's own ``Data2VecMultiModel`` (built by ``tests/fairseq_reference.py``
+  from the released config at the same sizes) with identical weights: time ratio and max |difference| of the
+  last layer's output.
+* Retrieval: embedding images/s of 32 px uint8 images resized to 224 through ``retrieval.embed`` (batched,
+  on the tensor) vs a per-image PIL transform loop, with a ViT-B-wide model of small depth; exact search of
+  a 50,000 x 10,000 x 768 bank with faiss and torch (``topk_accuracy``) vs the naive per-query loop of
+  ``scripts/bench_retrieval.py``, which is timed on a subset of the queries and extrapolated linearly.
+* Data pipeline: decoded + augmented images/s of one worker through ``image_data.ImageListDataset`` vs
+  ``PIL.Image.open`` + torchvision ``RandomResizedCrop`` (same crop parameters), on generated ImageNet-sized
+  (500x375) and large (4000x3000) JPEGs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench.py:begin -->", "<!-- bench.py:end -->"
+GPU_BEGIN, GPU_END = "<!-- bench_gpu:begin -->", "<!-- bench_gpu:end -->"
+GIB = 2 ** 30
+
+QUICK = dict(embed_dim=64, heads=2, depth=2, prenet=1, student_depth=2, input_size=32, patch_size=8, batch=4,
+             warmup=1, steps=2, teacher_batch=2, teacher_reps=2, embed_images=16, embed_batch=8, embed_depth=1,
+             embed_input=64, memory=2000, queries=500, search_dim=64, naive_queries=50, jpegs=6, large_jpegs=1,
+             large_size="1600x1200")
+DEFAULTS = dict(embed_dim=768, heads=12, depth=10, prenet=2, student_depth=6, input_size=224, patch_size=16,
+                batch=4, warmup=1, steps=3, teacher_batch=4, teacher_reps=3, embed_images=48, embed_batch=16,
+                embed_depth=1, embed_input=224, memory=50_000, queries=10_000, search_dim=768, naive_queries=100,
+                jpegs=64, large_jpegs=4, large_size="4000x3000")
+HELP = dict(embed_dim="model width", heads="attention heads", depth="shared teacher blocks",
+            prenet="prenet blocks of the shared encoder", student_depth="student blocks",
+            input_size="KD / teacher input size", patch_size="patch size", batch="KD batch size",
+            warmup="untimed KD steps", steps="timed KD steps", teacher_batch="teacher-forward batch",
+            teacher_reps="timed teacher forwards per implementation",
+            embed_images="images embedded per pipeline", embed_batch="embedding batch size",
+            embed_depth="shared blocks of the embedding model (1 prenet block besides)",
+            embed_input="embedding model input size (32 px images are resized to it)",
+            memory="search memory-bank size", queries="search queries", search_dim="embedding size of the search",
+            naive_queries="queries the naive search loop is timed on (then extrapolated)",
+            jpegs="ImageNet-sized (500x375) JPEGs generated", large_jpegs="large JPEGs generated",
+            large_size="size of the large JPEGs, WxH")
+SECTIONS = ("kd", "teacher", "retrieval", "data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for every benchmark (seconds; for tests)")
+    p.add_argument("--output", default=str(REPO / "BENCHMARKS.md"),
+                   help="markdown file whose bench.py section is written or replaced (default BENCHMARKS.md)")
+    p.add_argument("--skip", default="", help=f"comma-separated benchmarks to skip, of {', '.join(SECTIONS)}")
+    p.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
+    p.add_argument("--gpu-md", default=None,
+                   help="only replace the GPU section of --output with this bench_gpu.md (from bench_gpu.sh) and exit")
+    for name, default in DEFAULTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+                       help=f"{HELP[name]} (default {default}; --quick {QUICK[name]})")
+    args = p.parse_args(argv)
+    for name in DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, (QUICK if args.quick else DEFAULTS)[name])
+    args.skip = {s for s in args.skip.split(",") if s}
+    if args.skip - set(SECTIONS):
+        p.error(f"unknown --skip {sorted(args.skip - set(SECTIONS))}; choose from {SECTIONS}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------
+# Machine and memory helpers
+# ------------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak-RSS counter (Linux ``clear_refs``); returns the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then VmHWM stays the lifetime peak, an upper bound of the step's peak
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def vit_config(embed_dim, heads, depth, prenet, input_size, patch_size):
+    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.encoders.image import ImageEncoderConfig
+    from fairseq_mmkd.targets import TargetConfig
+
+    return D2vConfig(embed_dim=embed_dim, depth=depth, num_heads=heads,
+                     encoder=ImageEncoderConfig(input_size=input_size, patch_size=patch_size, embed_dim=embed_dim,
+                                                prenet_depth=prenet),
+                     targets=TargetConfig(average_top_k_layers=min(10, depth)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# KD update (each side in its own spawned process)
+# ------------------------------------------------------------------------------------------------------
+
+def manual_softmax_attention(self, x):
+    """The baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses)."""
+    B, N, C = x.shape
+    h = self.num_heads
+    q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q * (C // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+def kd_child(variant: str, sizes: dict, conn) -> None:
+    """Runs in a spawned process: builds one implementation, then runs a KD update whenever told to.
+
+    The parent alternates the two processes step by step, so load from other jobs on the machine hits both
+    alike; each process measures its own step times and its own peak memory.
+    """
+    try:
+        sys.modules.setdefault("fairseq", None)  # the core needs no fairseq: skip its slow import here
+        sys.path.insert(0, str(REPO))
+        import copy
+
+        import torch
+
+        from fairseq_mmkd import layers
+        from fairseq_mmkd.d2v_model import D2vModel
+        from fairseq_mmkd.distill import Distiller
+        from fairseq_mmkd.kd_loss import distillation_loss
+
+        s = sizes
+        cfg = vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
+        torch.manual_seed(0)
+        teacher = D2vModel(cfg)
+        if variant == "ours":
+            distiller = Distiller(teacher, s["student_depth"], "teacher_first")
+            params = [p for p in distiller.parameters() if p.requires_grad]
+            try:
+                opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, fused=True), "fused"
+            except (RuntimeError, TypeError, ValueError):
+                opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
+
+            def step(source):
+                out = distiller(source)
+                result = distillation_loss(distiller, out, cfg.targets, include_extra_tokens=True)
+                loss = result["loss_sum"] / result["sample_size"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+        else:
+            layers.Attention.forward = manual_softmax_attention
+            distiller = Distiller(copy.deepcopy(teacher), s["student_depth"], "teacher_first")  # student side
+            teacher.eval()  # weights left trainable: autograd records the teacher's forward
+            params = [p for p in distiller.parameters() if p.requires_grad]
+            opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=False), "for-loop"
+
+            def step(source):
+                teacher_out = teacher(source)  # encoder + teacher blocks, graph kept until the step ends
+                encoder_out = distiller.shared_encoder(source)  # the encoder again, for the student
+                student = distiller.run_student(encoder_out)
+                out = {"teacher_layer_results": teacher_out["layer_results"],
+                       "student_layer_results": student["layer_results"], "student_x": student["x"]}
+                result = distillation_loss(distiller, out, cfg.targets, include_extra_tokens=True)
+                loss = result["loss_sum"] / result["sample_size"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+
+        distiller.train()
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randn(s["batch"], 3, s["input_size"], s["input_size"], generator=gen) for _ in range(2)]
+        before = reset_peak_rss()
+        losses, times = [], []
+        conn.send("ready")
+        while conn.recv() == "step":
+            start = time.perf_counter()
+            losses.append(float(step(batches[len(times) % 2])))
+            times.append(time.perf_counter() - start)
+            conn.send(times[-1])
+        conn.send({"variant": variant, "step_times": times, "peak_bytes": peak_rss() - before, "losses": losses,
+                   "optimizer": opt_kind, "threads": torch.get_num_threads()})
+    except BaseException as e:  # report to the parent instead of hanging it
+        import traceback
+
+        conn.send({"variant": variant, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+def run_alternating(variants, sizes: dict, rounds: int) -> dict:
+    """Start one process per variant and run ``rounds`` KD updates in each, taking turns (ABBA order)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+    # An OpenMP thread pool spins for a while after each parallel region; the waiting process's spinning
+    # threads would steal the cores from the one taking its turn. PASSIVE makes waiting threads sleep.
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        for v in variants:
+            conns[v], child = ctx.Pipe()
+            procs[v] = ctx.Process(target=kd_child, args=(v, sizes, child))
+            procs[v].start()
+    finally:
+        if saved is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+
+    def receive(v):
+        msg = conns[v].recv()
+        if isinstance(msg, dict) and "error" in msg:
+            for p in procs.values():
+                p.kill()
+            raise RuntimeError(f"KD {v} failed: {msg['error']}\n{msg['traceback']}")
+        return msg
+
+    for v in variants:
+        receive(v)  # both built
+    for r in range(rounds):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            conns[v].send("step")
+            receive(v)
+    results = {}
+    for v in variants:
+        conns[v].send("finish")
+        results[v] = receive(v)
+        procs[v].join()
+    return results
+
+
+def bench_kd(args) -> dict:
+    sizes = {k: getattr(args, k) for k in ("embed_dim", "heads", "depth", "prenet", "student_depth", "input_size",
+                                           "patch_size", "batch", "warmup", "steps")}
+    results = run_alternating(["ours", "naive"], sizes, args.warmup + args.steps)
+    for r in results.values():
+        r["step_s"] = min(r["step_times"][args.warmup:])  # other jobs only ever slow a step down
+        r["images_per_s"] = args.batch / r["step_s"]
+    ours, naive = results["ours"], results["naive"]
+    # the two compute the same loss from the same weights and data: a check that the baseline is a fair one
+    close = abs(ours["losses"][0] - naive["losses"][0]) <= 1e-3 * max(1.0, abs(ours["losses"][0]))
+    tokens = (args.input_size // args.patch_size) ** 2 + 1
+    print(f"[kd] ours {ours['images_per_s']:.3f} images/s, peak +{ours['peak_bytes'] / GIB:.2f} GiB; naive "
+          f"{naive['images_per_s']:.3f} images/s, peak +{naive['peak_bytes'] / GIB:.2f} GiB; first losses "
+          f"{ours['losses'][0]:.6g} / {naive['losses'][0]:.6g}", flush=True)
+    return {"ours": ours, "naive": naive, "same_first_loss": close, "tokens": tokens, "sizes": sizes}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Teacher forward vs fairseq
+# ------------------------------------------------------------------------------------------------------
+
+def bench_teacher(args) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from fairseq_reference import make_config
+
+    from fairseq import tasks
+    from fairseq_mmkd.d2v_model import D2vConfig, D2vModel
+
+    cfg = make_config(embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
+                      average_top_k_layers=min(10, args.depth), input_size=args.input_size,
+                      patch_size=args.patch_size, prenet_depth=args.prenet)
+    torch.manual_seed(0)
+    fairseq_model = tasks.setup_task(cfg.task).build_model(cfg.model).eval()
+    ours = D2vModel(D2vConfig.from_fairseq(OmegaConf.to_container(cfg.model, resolve=True))).eval()
+    online = {k: v for k, v in fairseq_model.state_dict().items() if k != "_ema"}
+    mapped = {k: online["modality_encoders.IMAGE." + k[len("encoder."):] if k.startswith("encoder.") else k]
+              for k in ours.state_dict()}
+    ours.load_state_dict(mapped, strict=True)
+
+    images = torch.randn(args.teacher_batch, 3, args.input_size, args.input_size,
+                         generator=torch.Generator().manual_seed(0))
+
+    def run_fairseq():
+        return fairseq_model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)["x"]
+
+    def run_ours():
+        return ours(images)["x"]
+
+    times = {"ours": [], "fairseq": []}
+    with torch.no_grad():
+        outs = {"ours": run_ours(), "fairseq": run_fairseq()}  # warm-up, and the outputs compared
+        for _ in range(args.teacher_reps):  # alternate, so load from other processes hits both alike
+            for name, fn in (("fairseq", run_fairseq), ("ours", run_ours)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    diff = (outs["ours"] - outs["fairseq"]).abs().max().item()
+    result = {"ours_s": min(times["ours"]), "fairseq_s": min(times["fairseq"]),
+              "max_abs_diff": diff, "out_abs_max": outs["fairseq"].abs().max().item(), "batch": args.teacher_batch,
+              "times": times}
+    print(f"[teacher] ours {result['ours_s']:.3f} s, fairseq {result['fairseq_s']:.3f} s per batch of "
+          f"{args.teacher_batch}; max |diff| {diff:.2e}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Retrieval: embedding and search
+# ------------------------------------------------------------------------------------------------------
+
+def bench_embedding(args) -> dict:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from fairseq_mmkd.d2v_model import D2vModel
+    from fairseq_mmkd.retrieval import embed
+    from fairseq_mmkd.retrieval.evaluate import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    patch = 16 if args.embed_input % 16 == 0 else args.patch_size
+    model = D2vModel(vit_config(args.embed_dim, args.heads, args.embed_depth, 1, args.embed_input, patch)).eval()
+    feature_fn = lambda x: model(x)["x"]  # noqa: E731
+    images = torch.randint(0, 256, (args.embed_images, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    n, bs, size = args.embed_images, args.embed_batch, args.embed_input
+
+    per_image = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    pil_images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+
+    def baseline():  # a Dataset + transform loop: PIL per image, stack, forward under no_grad
+        out = []
+        with torch.no_grad():
+            for lo in range(0, n, bs):
+                x = torch.stack([per_image(img) for img in pil_images[lo:lo + bs]])
+                out.append(feature_fn(x)[:, 0])
+        return torch.cat(out)
+
+    def ours():
+        return embed(feature_fn, images, size, 1, batch_size=bs, device="cpu", progress=False)
+
+    embed(feature_fn, images[:bs], size, 1, batch_size=bs, device="cpu", progress=False)  # warm-up
+    times = {"ours": [], "baseline": []}
+    for _ in range(2 if args.quick else 3):
+        for name, fn in (("baseline", baseline), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    result = {"ours_images_per_s": n / min(times["ours"]), "baseline_images_per_s": n / min(times["baseline"]),
+              "images": n, "batch": bs, "input_size": size, "depth": args.embed_depth, "embed_dim": args.embed_dim}
+    print(f"[embed] ours {result['ours_images_per_s']:.2f} images/s, per-image PIL loop "
+          f"{result['baseline_images_per_s']:.2f} images/s", flush=True)
+    return result
+
+
+def bench_search(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_retrieval import naive_topk_hits  # the per-query baseline, shared with bench_retrieval.py
+
+    from fairseq_mmkd.retrieval import faiss_available, topk_accuracy
+
+    ks, classes, d = (1, 3), 100, args.search_dim
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(classes, d, generator=gen)
+    memory_labels = torch.randint(0, classes, (args.memory,), generator=gen)
+    query_labels = torch.randint(0, classes, (args.queries,), generator=gen)
+    memory = centers[memory_labels] + 3.0 * torch.randn(args.memory, d, generator=gen)
+    queries = centers[query_labels] + 3.0 * torch.randn(args.queries, d, generator=gen)
+
+    subset = min(args.naive_queries, args.queries)
+    m_np, q_np = F.normalize(memory, dim=1).numpy(), F.normalize(queries[:subset], dim=1).numpy()
+    start = time.perf_counter()
+    hits = naive_topk_hits(m_np, memory_labels.numpy(), q_np, query_labels[:subset].numpy(), ks)
+    naive_s = (time.perf_counter() - start) * args.queries / subset
+    naive_acc = {k: 100.0 * hits[k] / subset for k in ks}
+    result = {"naive_s": naive_s, "naive_subset": subset, "memory": args.memory, "queries": args.queries, "dim": d,
+              "backends": {}}
+    for backend in ["torch"] + (["faiss"] if faiss_available() else []):
+        topk_accuracy(memory[:100], memory_labels[:100], queries[:10], query_labels[:10], ks, backend=backend)
+        start = time.perf_counter()
+        acc = topk_accuracy(memory, memory_labels, queries, query_labels, ks, backend=backend)
+        seconds = time.perf_counter() - start
+        sub = topk_accuracy(memory, memory_labels, queries[:subset], query_labels[:subset], ks, backend=backend)
+        result["backends"][backend] = {"seconds": seconds, "top1": acc[1],
+                                       "agrees_with_naive": all(abs(sub[k] - naive_acc[k]) < 1e-9 for k in ks)}
+        print(f"[search] {backend} {seconds:.2f} s vs naive {naive_s:.1f} s (extrapolated from {subset} queries)",
+              flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data pipeline
+# ------------------------------------------------------------------------------------------------------
+
+def write_jpegs(folder: Path, count: int, size: tuple, prefix: str, seed: int) -> list:
+    """Photo-like JPEGs: smooth colour fields plus texture (pure noise would be unrealistically slow to decode)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+        texture = rng.normal(0, 12, size=(h // 4, w // 4, 3))
+        texture = np.asarray(Image.fromarray(np.clip(128 + texture, 0, 255).astype(np.uint8)).resize((w, h)))
+        arr = np.clip(np.asarray(img, dtype=np.int16) + texture.astype(np.int16) - 128, 0, 255).astype(np.uint8)
+        path = folder / f"{prefix}_{i:03d}.jpg"
+        Image.fromarray(arr).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def bench_data(args) -> dict:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from fairseq_mmkd.image_data import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset
+
+    torch.set_num_threads(1)  # one DataLoader worker
+    baseline_tf = transforms.Compose([
+        transforms.RandomResizedCrop(224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    large = tuple(int(v) for v in args.large_size.lower().split("x"))
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="bench_jpegs_") as tmp:
+        sets = {"imagenet_sized": ((500, 375), write_jpegs(Path(tmp), args.jpegs, (500, 375), "photo", 0)),
+                "large": (large, write_jpegs(Path(tmp), args.large_jpegs, large, "large", 1))}
+        for name, (size, paths) in sets.items():
+            if not paths:
+                continue
+            dataset = ImageListDataset(paths, input_size=224, train=True)
+
+            def ours():
+                for i in range(len(dataset)):
+                    dataset[i]["source"]
+
+            def baseline():
+                for p in paths:
+                    with Image.open(p) as img:
+                        baseline_tf(img.convert("RGB"))
+
+            times = {"ours": [], "baseline": []}
+            ours(), baseline()  # warm-up (file cache, first-call setup)
+            for _ in range(2 if args.quick else 5):  # interleaved passes, best of each: load noise is one-sided
+                for key, fn in (("baseline", baseline), ("ours", ours)):
+                    start = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - start)
+            result[name] = {"size": f"{size[0]}x{size[1]}", "images": len(paths),
+                            "ours_images_per_s": len(paths) / min(times["ours"]),
+                            "baseline_images_per_s": len(paths) / min(times["baseline"])}
+            print(f"[data] {name}: ours {result[name]['ours_images_per_s']:.1f} images/s, PIL + torchvision "
+                  f"{result[name]['baseline_images_per_s']:.1f} images/s", flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------------
+
+def ratio(better: float, worse: float) -> str:
+    return f"×{better / worse:.2f}" if worse > 0 else "n/a"
+
+
+def render(res: dict, args, command: str) -> str:
+    import torch
+
+    m = res["machine"]
+    lines = [BEGIN, "## CPU benchmark (`scripts/bench.py`)", "",
+             f"- Date: {res['date']}; commit `{res['commit']}`",
+             f"- Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {torch.__version__}, "
+             f"Python {platform.python_version()}; shared with other jobs, so expect ±10-20% run to run",
+             f"- Command: `{command}`", "",
+             "Ratios are this implementation against the baseline timed in the same run (> 1: this is better). "
+             "Times are the fastest of several interleaved repetitions: other jobs on the machine only ever slow "
+             "a run down.",
+             "", "| Benchmark | This implementation | Baseline (same run) | Ratio |", "|---|---|---|---|"]
+    notes = []
+    if "kd" in res:
+        k, s = res["kd"], res["kd"]["sizes"]
+        what = (f"KD update, {s['prenet']} prenet + {s['depth']} teacher / {s['student_depth']} student blocks, "
+                f"D={s['embed_dim']}, {s['input_size']} px ({k['tokens']} tokens), batch {s['batch']}")
+        o, n = k["ours"], k["naive"]
+        lines.append(f"| {what}: throughput | {o['images_per_s']:.3f} images/s | {n['images_per_s']:.3f} images/s "
+                     f"(naive) | {ratio(o['images_per_s'], n['images_per_s'])} |")
+        lines.append(f"| {what}: peak memory (RSS growth over the steps) | {o['peak_bytes'] / GIB:.2f} GiB | "
+                     f"{n['peak_bytes'] / GIB:.2f} GiB (naive) | {ratio(n['peak_bytes'], o['peak_bytes'])} less |")
+        notes.append(f"KD: fastest of {s['steps']} timed steps after {s['warmup']} warm-up, the two processes taking "
+                     f"turns (OMP_WAIT_POLICY=PASSIVE); AdamW {o['optimizer']} vs "
+                     f"{n['optimizer']}; naive = encoder twice, teacher with autograd, manual-softmax attention, "
+                     f"fp32 (both fp32 here); same first loss: {k['same_first_loss']} "
+                     f"({o['losses'][0]:.6g} vs {n['losses'][0]:.6g})")
+    if "teacher" in res:
+        t = res["teacher"]
+        lines.append(f"| Teacher forward vs fairseq `Data2VecMultiModel`, same weights, batch {t['batch']} | "
+                     f"{t['ours_s']:.3f} s | {t['fairseq_s']:.3f} s (fairseq) | {ratio(t['fairseq_s'], t['ours_s'])} |")
+        lines.append(f"| Teacher forward: max abs difference of the last layer output | {t['max_abs_diff']:.2e} | "
+                     f"(outputs up to {t['out_abs_max']:.2f}) | - |")
+    if "embedding" in res:
+        e = res["embedding"]
+        lines.append(f"| Retrieval embedding, 32 px uint8 -> {e['input_size']} px, D={e['embed_dim']} "
+                     f"1 prenet + {e['depth']} block(s), batch {e['batch']} | {e['ours_images_per_s']:.2f} images/s | "
+                     f"{e['baseline_images_per_s']:.2f} images/s (per-image PIL) | "
+                     f"{ratio(e['ours_images_per_s'], e['baseline_images_per_s'])} |")
+    if "search" in res:
+        sr = res["search"]
+        for backend, b in sr["backends"].items():
+            lines.append(f"| Exact search {sr['memory']:,} x {sr['queries']:,} x {sr['dim']}, {backend} | "
+                         f"{b['seconds']:.2f} s | {sr['naive_s']:.1f} s (per-query loop, extrapolated) | "
+                         f"{ratio(sr['naive_s'], b['seconds'])} |")
+        notes.append(f"Search: the naive loop ran on {sr['naive_subset']} queries and was extrapolated linearly to "
+                     f"{sr['queries']:,}; backends agree with it on that subset: "
+                     + ", ".join(f"{k} {v['agrees_with_naive']}" for k, v in sr["backends"].items()))
+    if "data" in res:
+        for name, d in res["data"].items():
+            lines.append(f"| Data pipeline, {d['images']} {d['size']} JPEGs, decode + augment to 224, one worker | "
+                         f"{d['ours_images_per_s']:.1f} images/s | {d['baseline_images_per_s']:.1f} images/s "
+                         f"(PIL + torchvision RandomResizedCrop) | "
+                         f"{ratio(d['ours_images_per_s'], d['baseline_images_per_s'])} |")
+    lines += [""] + [f"- {n}" for n in notes] + [END]
+    return "\n".join(lines) + "\n"
+
+
+HEADER = """# Benchmarks
+
+Written by `scripts/bench.py` (CPU, against baselines timed in the same run) and `scripts/bench_gpu.sh`
+(one GPU). Re-run them to update their sections.
+
+"""
+GPU_PLACEHOLDER = f"""{GPU_BEGIN}
+## GPU benchmark (`scripts/bench_gpu.sh`)
+
+Not run yet. On a one-GPU machine: `bash scripts/bench_gpu.sh` (about 5-7 minutes; needs only python3 with
+torch), then `python scripts/bench.py --gpu-md $OUT/bench_gpu.md` pastes its `bench_gpu.md` here.
+{GPU_END}
+"""
+
+
+def replace_section(text: str, begin: str, end: str, section: str) -> str:
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section.rstrip("\n") + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def update_file(path: Path, begin: str, end: str, section: str) -> None:
+    text = path.read_text() if path.exists() else HEADER + GPU_PLACEHOLDER
+    path.write_text(replace_section(text, begin, end, section))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    output = Path(args.output)
+    if args.gpu_md:
+        body = Path(args.gpu_md).read_text().rstrip("\n")
+        update_file(output, GPU_BEGIN, GPU_END, f"{GPU_BEGIN}\n{body}\n{GPU_END}\n")
+        print(f"[bench] GPU section of {output} updated from {args.gpu_md}")
+        return 0
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    command = "python scripts/bench.py" + "".join(" " + shlex.quote(a) for a in argv)
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "commit": git_commit(), "command": command,
+           "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "python": platform.python_version()}}
+    print(f"[bench] {command}\n[bench] {res['machine']}", flush=True)
+    start = time.perf_counter()
+    if "kd" not in args.skip:
+        res["kd"] = bench_kd(args)
+    if "teacher" not in args.skip:
+        res["teacher"] = bench_teacher(args)
+    if "retrieval" not in args.skip:
+        res["embedding"] = bench_embedding(args)
+        res["search"] = bench_search(args)
+    if "data" not in args.skip:
+        res["data"] = bench_data(args)
+    res["wall_s"] = time.perf_counter() - start
+    section = render(res, args, command)
+    update_file(output, BEGIN, END, section)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    print(section)
+    print(f"[bench] {res['wall_s']:.0f} s; section written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
