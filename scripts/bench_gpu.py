@@ -18,8 +18,10 @@ Stages, in order (the JSON is rewritten after each, so a run cut short still lea
    ``--peak-tflops`` (790: what such a matmul reaches on an H200). Variants:
    ``eager`` (teacher outside autocast), ``eager_forward`` (``Distiller.forward`` entirely under autocast,
    as a plain training loop would call it), ``compile_blocks`` (every transformer block ``torch.compile``d)
-   and ``compile_step`` (the whole forward + loss compiled). Compiled variants run in child processes with
-   a timeout taken from the remaining budget; a failure is reported, not fatal.
+   and ``compile_step`` (the whole forward + loss compiled); ``naive`` is the baseline a straightforward loop
+   would be: fp32, manual-softmax attention, the encoder computed twice, the teacher with autograd on (its
+   weights left trainable, so its activations are kept). Compiled and naive variants run in child processes
+   with a timeout taken from the remaining budget; a failure is reported, not fatal.
 3. Validation: embed ``--embed-images`` CIFAR-sized uint8 images (resized to 224 on the device, bf16) with
    the student and with the teacher through ``retrieval.embed``, then exact top-k search (torch backend)
    of 50,000 x 10,000 in both directions for two datasets, as one validation round does.
@@ -57,7 +59,7 @@ from fairseq_mmkd.retrieval.evaluate import embed  # noqa: E402
 from fairseq_mmkd.retrieval.search import topk_accuracy  # noqa: E402
 from fairseq_mmkd.targets import TargetConfig  # noqa: E402
 
-KD_VARIANTS = ("eager", "eager_forward", "compile_blocks", "compile_step")
+KD_VARIANTS = ("eager", "eager_forward", "compile_blocks", "compile_step", "naive")
 IN_PROCESS = ("eager", "eager_forward")
 SEED_RUN_IMAGES = 30_000 * 256  # the seed recipe: 30,000 updates of 256 images
 TARGET_SEED_RUN_MIN = 40.0
@@ -293,13 +295,37 @@ def make_loss_fn(distiller: Distiller, variant: str, device: torch.device, low: 
     return whole_forward if variant == "eager_forward" else split
 
 
+def manual_softmax_attention(self, x):
+    """The naive baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses)."""
+    B, N, C = x.shape
+    h = self.num_heads
+    q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q * (C // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+def make_naive_loss_fn(distiller: Distiller, teacher: D2vModel):
+    """Teacher (trainable weights, so autograd keeps its graph) and encoder-again-for-the-student, fp32."""
+    target_cfg = distiller.cfg.targets
+
+    def naive(source):
+        teacher_out = teacher(source)
+        student = distiller.run_student(distiller.shared_encoder(source))
+        out = {"teacher_layer_results": teacher_out["layer_results"],
+               "student_layer_results": student["layer_results"], "student_x": student["x"]}
+        result = distillation_loss(distiller, out, target_cfg, include_extra_tokens=True)
+        return result["loss_sum"] / result["sample_size"]
+
+    return naive
+
+
 def all_blocks(distiller: Distiller):
     return [*distiller.shared_encoder.context_encoder.blocks, *distiller.teacher_blocks, *distiller.student_blocks]
 
 
 def run_kd(variant: str, s: Sizes, device: torch.device, backend: str, peak: dict) -> dict:
     """One KD variant: build, (compile), warm up, time ``s.steps`` updates."""
-    low = torch.bfloat16
+    low = torch.float32 if variant == "naive" else torch.bfloat16
     if variant.startswith("compile"):
         import torch._dynamo as dynamo
 
@@ -309,7 +335,17 @@ def run_kd(variant: str, s: Sizes, device: torch.device, backend: str, peak: dic
     distiller = build_distiller(s, device, low)
     params = [p for p in distiller.parameters() if p.requires_grad]
     opt, opt_kind = make_optimizer(params, device)
-    loss_fn = make_loss_fn(distiller, variant, device, low)
+    if variant == "naive":  # runs in its own process: patching attention affects nothing else
+        from fairseq_mmkd import layers
+
+        layers.Attention.forward = manual_softmax_attention
+        teacher = D2vModel(model_config(s)).to(device)
+        teacher.load_state_dict(distiller.shared_encoder.state_dict(prefix="encoder.")
+                                | distiller.teacher_blocks.state_dict(prefix="blocks."))
+        teacher.requires_grad_(True).eval()
+        loss_fn = make_naive_loss_fn(distiller, teacher)
+    else:
+        loss_fn = make_loss_fn(distiller, variant, device, low)
     if variant == "compile_blocks":
         for blk in all_blocks(distiller):
             blk.compile(backend=backend)
@@ -468,6 +504,11 @@ def render(res: dict) -> str:
            f"- FLOPs per image {f['total_gflop']:.4g} GFLOP (teacher fwd {f['teacher_fwd_gflop']:.4g} + student "
            f"fwd+bwd {f['student_train_gflop']:.4g}); {f['formula']}", ""]
     out += table_lines(res)
+    naive = res["kd"].get("naive", {})
+    if "images_per_s" in naive:
+        out += [""] + [f"- `{r['variant']}` vs the naive baseline (same run): x{r['images_per_s'] / naive['images_per_s']:.2f} "
+                       f"images/s, x{naive['peak_mem_gib'] / r['peak_mem_gib']:.2f} less peak memory"
+                       for r in res["kd"].values() if r.get("variant") != "naive" and "images_per_s" in r]
     best = res.get("best_kd")
     if best:
         out += ["", f"- Best KD variant `{best['variant']}`: {best['images_per_s']:.0f} images/s -> seed run "

@@ -54,7 +54,7 @@ def test_gpu_bench_cpu_tiny_runs_with_torch_only(hidden_env, tmp_path):
     assert not any(res["env"]["loaded"].values()), res["env"]  # ... and nothing loaded them anyway
     assert res["matmul_tflops"] > 0
     assert res["flops"]["total_gflop"] > 0 and "block = " in res["flops"]["formula"]
-    assert set(res["kd"]) == {"eager", "eager_forward", "compile_blocks", "compile_step"}
+    assert set(res["kd"]) == {"eager", "eager_forward", "compile_blocks", "compile_step", "naive"}
     for name, r in res["kd"].items():
         assert "error" not in r, (name, r)
         for key in ("images_per_s", "step_ms", "peak_mem_gib", "achieved_tflops", "mfu_vs_measured",
@@ -66,7 +66,8 @@ def test_gpu_bench_cpu_tiny_runs_with_torch_only(hidden_env, tmp_path):
     assert res["validation_s"] > 0 and res["best_kd"]["images_per_s"] > 0
 
     md = (out / "bench_gpu.md").read_text()
-    for row in ("| eager |", "| compile_blocks |", "| compile_step |", "Validation round"):
+    for row in ("| eager |", "| compile_blocks |", "| compile_step |", "| naive |", "vs the naive baseline",
+                "Validation round"):
         assert row in md
     assert "MFU vs matmul" in proc.stdout  # the table is printed too
 
