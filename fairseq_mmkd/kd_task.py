@@ -198,6 +198,8 @@ class D2vKDTask(FairseqTask):
             raise ValueError(f"dataset.batch_size={max_sentences}: fairseq reads it as 'no limit' and would put all "
                              f"{len(dataset)} training images into one batch; set dataset.batch_size to the number "
                              "of images per GPU (the seed recipe: 256)")
+        if "num_workers" in kwargs:
+            kwargs["num_workers"] = fit_workers(kwargs["num_workers"])
         return super().get_batch_iterator(dataset, max_tokens, max_sentences, *args, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
@@ -316,6 +318,22 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def fit_workers(requested: int) -> int:
+    """DataLoader workers capped at the CPU cores this training process may use, one kept for itself.
+
+    ``dataset.num_workers`` is per training process; asking for more workers than cores (e.g. the seed's
+    12 on a small node, or 8 GPUs sharing 32 cores) only adds contention, so it is lowered, with a warning.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cap = per_process - 1
+    if requested > cap:
+        logger.warning("dataset.num_workers=%d but this process has %d CPU cores: using %d data workers",
+                       requested, per_process, cap)
+        return cap
+    return requested
 
 
 def completed_updates() -> int:
