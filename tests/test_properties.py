@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from fairseq_mmkd.retrieval import faiss_available, topk_accuracy
 from fairseq_mmkd.targets import TargetConfig, make_targets
 
-FAST = settings(max_examples=25, deadline=None)
+# derandomized: CI runs the same examples every time (a property failure is then reproducible, not flaky)
+FAST = settings(max_examples=25, deadline=None, derandomize=True)
 EPS = 1e-5  # the norms' epsilon (as upstream): unit variance means v / (v + EPS) for a variance v
 BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
 
@@ -87,8 +88,13 @@ def test_only_the_last_k_layers_matter(layers, data, norms):
     cfg = recipe(k, **norms)
     changed = [torch.randn_like(y) * 100 for y in layers[:-k]] + layers[-k:]
     assert torch.equal(make_targets(changed, cfg), make_targets(layers, cfg))
-    if k < len(layers):  # ...and the k-th from the top does
-        changed = layers[:-k] + [layers[-k] + 1.0 + torch.randn_like(layers[-k])] + layers[len(layers) - k + 1:]
+    _, tokens, channels = layers[-k].shape
+    # ...and the k-th from the top does. Not with 2 tokens or 2 channels: instance or layer norm then maps
+    # every input to +-1, so a change of sign pattern alone would show.
+    if k < len(layers) and tokens >= 3 and channels >= 3:
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+        bump = 1.0 + torch.randn(layers[-k].shape, generator=g)
+        changed = layers[:-k] + [layers[-k] + bump] + layers[len(layers) - k + 1:]
         assert not torch.equal(make_targets(changed, cfg), make_targets(layers, cfg))
 
 
