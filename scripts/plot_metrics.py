@@ -48,7 +48,8 @@ def plot(rows: dict, output: Path) -> list:
             axes[1].plot(steps, [float(r[key]) for r in train], label=key)
     axes[1].set(title="feature spread (collapse monitor)", xlabel="update")
     metrics = sorted({k[len("valid_"):] for r in valid for k in r
-                      if k.startswith("valid_") and "_top" in k and not k.startswith("valid_teacher_")})
+                      if k.startswith("valid_") and "_top" in k
+                      and not k.startswith(("valid_teacher_", "valid_best_"))})
     vsteps = [int(float(r["valid_num_updates"])) for r in valid]
     for name in metrics:
         line, = axes[2].plot(vsteps, [float(r.get(f"valid_{name}", "nan")) for r in valid], "o-", label=name)
