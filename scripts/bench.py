@@ -148,15 +148,6 @@ def vit_config(embed_dim, heads, depth, prenet, input_size, patch_size):
 # KD update (each side in its own spawned process)
 # ------------------------------------------------------------------------------------------------------
 
-def manual_softmax_attention(self, x):
-    """The baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses)."""
-    B, N, C = x.shape
-    h = self.num_heads
-    q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = ((q * (C // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-    return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
-
-
 def kd_child(variant: str, sizes: dict, conn) -> None:
     """Runs in a spawned process: builds one implementation, then runs a KD update whenever told to.
 
@@ -196,6 +187,8 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
                 opt.zero_grad(set_to_none=True)
                 return loss.detach()
         else:
+            from bench_gpu import manual_softmax_attention  # one definition of the baseline's attention
+
             layers.Attention.forward = manual_softmax_attention
             distiller = Distiller(copy.deepcopy(teacher), s["student_depth"], "teacher_first")  # student side
             teacher.eval()  # weights left trainable: autograd records the teacher's forward
