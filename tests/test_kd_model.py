@@ -166,13 +166,3 @@ def test_model_compile_switch_keeps_the_loss_and_gradients(tiny_teacher, monkeyp
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
 
-
-@pytest.mark.parametrize("cores,local_world,requested,expected", [
-    (16, 1, 12, 12), (2, 1, 12, 1), (32, 8, 12, 3), (2, 1, 0, 0), (1, 1, 4, 0)])
-def test_data_workers_are_sized_to_the_cores_of_each_training_process(monkeypatch, cores, local_world,
-                                                                      requested, expected):
-    from fairseq_mmkd.kd_task import fit_workers
-
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    assert fit_workers(requested) == expected
