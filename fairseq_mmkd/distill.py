@@ -6,8 +6,6 @@ student blocks. Only the student blocks (and the optional regression head) have 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 

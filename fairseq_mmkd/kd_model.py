@@ -116,11 +116,6 @@ class D2vKDModel(BaseFairseqModel):
     def teacher_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.distiller.teacher_features(source)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.distiller.train(mode)  # keeps the shared encoder and teacher in eval
-        return self
-
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""
         if self.distiller.teacher_blocks is not None:

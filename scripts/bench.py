@@ -164,7 +164,6 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
         from fairseq_mmkd import layers
         from fairseq_mmkd.d2v_model import D2vModel
         from fairseq_mmkd.distill import Distiller
-        from fairseq_mmkd.kd_loss import distillation_loss
 
         s = sizes
         cfg = vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
@@ -178,35 +177,26 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
             except (RuntimeError, TypeError, ValueError):
                 opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
 
-            def step(source):
-                out = distiller(source)
-                result = distillation_loss(distiller, out, cfg.targets, include_extra_tokens=True)
-                loss = result["loss_sum"] / result["sample_size"]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach()
+            def loss_fn(source):
+                result = distiller.loss(source, cfg.targets, include_extra_tokens=True)
+                return result["loss_sum"] / result["sample_size"]
         else:
-            from bench_gpu import manual_softmax_attention  # one definition of the baseline's attention
+            # one definition of the baseline (attention, encoder twice, teacher under autograd) for both benches
+            from bench_gpu import make_naive_loss_fn, manual_softmax_attention
 
             layers.Attention.forward = manual_softmax_attention
             distiller = Distiller(copy.deepcopy(teacher), s["student_depth"], "teacher_first")  # student side
             teacher.eval()  # weights left trainable: autograd records the teacher's forward
             params = [p for p in distiller.parameters() if p.requires_grad]
             opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=False), "for-loop"
+            loss_fn = make_naive_loss_fn(distiller, teacher)
 
-            def step(source):
-                teacher_out = teacher(source)  # encoder + teacher blocks, graph kept until the step ends
-                encoder_out = distiller.shared_encoder(source)  # the encoder again, for the student
-                student = distiller.run_student(encoder_out)
-                out = {"teacher_layer_results": teacher_out["layer_results"],
-                       "student_layer_results": student["layer_results"], "student_x": student["x"]}
-                result = distillation_loss(distiller, out, cfg.targets, include_extra_tokens=True)
-                loss = result["loss_sum"] / result["sample_size"]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach()
+        def step(source):
+            loss = loss_fn(source)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
 
         distiller.train()
         gen = torch.Generator().manual_seed(1)

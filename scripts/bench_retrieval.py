@@ -111,7 +111,6 @@ def naive_topk_hits(memory, memory_labels, queries, query_labels, ks):
 
 
 def bench_search(args, device, sync):
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

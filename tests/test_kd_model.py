@@ -13,7 +13,6 @@ from conftest import make_teacher
 
 
 def build(teacher_path, **model_overrides):
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: F401
     from fairseq import models
     from fairseq.criterions import build_criterion
     from omegaconf import OmegaConf

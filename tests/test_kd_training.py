@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, hydra_train, json_log_lines, make_teacher
+from conftest import REPO, hydra_train, json_log_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -94,7 +93,7 @@ def test_trained_checkpoint_loads_for_inference_without_the_teacher_file(trained
 def test_resume_continues_from_the_last_update_with_the_same_state(tmp_path, tiny_teacher, photo_folder):
     # the cosine schedule spans 30 updates in both runs; the first resumed run just stops at 15
     args = [*data_args(tiny_teacher, photo_folder), "lr_scheduler.max_update=30"]
-    straight = hydra_train(tmp_path / "straight", *args, "optimization.max_update=30")
+    hydra_train(tmp_path / "straight", *args, "optimization.max_update=30")
     hydra_train(tmp_path / "resumed", *args, "optimization.max_update=15")
     resumed = hydra_train(tmp_path / "resumed", *args, "optimization.max_update=30")
     out = resumed.stdout + resumed.stderr
