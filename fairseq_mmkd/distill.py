@@ -140,17 +140,30 @@ class Distiller(nn.Module):
 
         return distillation_loss(self, self(source), target_cfg, include_extra_tokens)
 
-    def forward_features(self, source: torch.Tensor) -> torch.Tensor:
-        """Student features ``[B, T, D]`` (extra tokens first): what retrieval embeds."""
-        return self.run_student(self.encode(source))["x"]
+    def forward_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Student features ``[B, T, D]`` (extra tokens first) after block ``layer`` (-1: the last, -k: the
+        k-th from last), through the final norm of a pre-LN student: what retrieval embeds."""
+        return block_features(self.student_blocks, self.encode(source), layer, self.student_norm)
 
-    def teacher_features(self, source: torch.Tensor) -> torch.Tensor:
-        """Teacher features ``[B, T, D]`` from its last block (for the teacher's retrieval baseline)."""
+    def teacher_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Teacher features ``[B, T, D]`` after block ``layer`` (for the teacher's retrieval baseline)."""
         if self.teacher_blocks is None:
             raise RuntimeError("this model was loaded for inference without the teacher blocks")
-        x = self.encode(source)
         with torch.no_grad():
-            for blk in self.teacher_blocks:
-                x, _ = blk(x)
-        return x
+            return block_features(self.teacher_blocks, self.encode(source), layer)
+
+
+def block_index(layer: int, depth: int) -> int:
+    """0-based index of block ``layer`` (-1: the last, -k: the k-th from last) in a stack of ``depth`` blocks."""
+    if not -depth <= layer <= -1:
+        raise ValueError(f"layer={layer}: use -1 for the last block or -k for the k-th from last, with k at most "
+                         f"{depth} (the number of blocks)")
+    return depth + layer
+
+
+def block_features(blocks, x: torch.Tensor, layer: int = -1, norm=None) -> torch.Tensor:
+    """Run ``blocks`` on ``x`` up to and including block ``layer``; apply ``norm`` (if any) to its output."""
+    for blk in blocks[:block_index(layer, len(blocks)) + 1]:
+        x, _ = blk(x)
+    return norm(x) if norm is not None else x
 

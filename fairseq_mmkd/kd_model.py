@@ -110,11 +110,11 @@ class D2vKDModel(BaseFairseqModel):
             return self.distiller(source)
         return self._loss(source, targets, include_extra_tokens)
 
-    def forward_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.distiller.forward_features(source)
+    def forward_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        return self.distiller.forward_features(source, layer)
 
-    def teacher_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.distiller.teacher_features(source)
+    def teacher_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        return self.distiller.teacher_features(source, layer)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""

@@ -2,8 +2,9 @@
 
 Training data is any folder of images (ImageFolder layout; labels ignored) or a text file of image paths,
 augmented as in data2vec2 image pretraining. Validation is one "batch" per round: the distillation loss
-on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/100 retrieval metrics of
-the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix).
+on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/100 retrieval and k-NN metrics
+of the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix). How they
+are computed is written to ``SAVE_DIR/eval_protocol.json`` at the first validation.
 
 Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
 the teacher is loaded or the trainer starts.
@@ -11,7 +12,6 @@ the teacher is loaded or the trainer starts.
 from __future__ import annotations
 
 import logging
-import re
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,8 +28,11 @@ from omegaconf import II
 
 from . import guards, image_data
 from .checkpoint import CheckpointError
-from .retrieval import evaluate_retrieval, load_cifar, load_image_folder_pair
+from .distill import block_index
+from .retrieval import evaluate_retrieval, evaluation_protocol, load_cifar, load_image_folder_pair
+from .retrieval.cli import write_json
 from .retrieval.examples import save_examples
+from .retrieval.image_folder import folder_set_name
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,20 @@ class D2vKDTaskConfig(FairseqDataclass):
                 "layout; its metrics are prefixed with the folder name"})
     retrieval_limit: int = field(default=0, metadata={
         "help": "use only the first N images of each retrieval split (0: all) for quick runs"})
-    retrieval_pooling: ChoiceEnum(["auto", "cls", "mean"]) = field(default="auto", metadata={
-        "help": "cls: the extra (CLS) token; mean: mean of patch tokens; auto: cls when the encoder has one"})
+    retrieval_pooling: ChoiceEnum(["auto", "cls", "mean", "cls+mean"]) = field(default="auto", metadata={
+        "help": "cls: the extra (CLS) token; mean: mean of patch tokens (extra tokens excluded); cls+mean: both "
+                "concatenated (DINO's ViT-B linear probe); auto: cls when the encoder has one"})
+    retrieval_layer: int = field(default=-1, metadata={
+        "help": "block whose output retrieval and k-NN embed, for student and teacher alike: -1 the last, -k the "
+                "k-th from last (layer scans as in MIM-Refiner)"})
+    retrieval_standardize: bool = field(default=False, metadata={
+        "help": "standardise embeddings per dimension with the memory bank's mean and std before L2 "
+                "normalisation (MIM-Refiner's k-NN); off: plain cosine (DINO)"})
+    knn_k: int = field(default=20, metadata={
+        "help": "k of the k-NN accuracies <set>_knn<k> (DINO-weighted) and <set>_knn<k>_uniform (majority vote), "
+                "train split as memory, test split as queries; 0: off"})
+    knn_temperature: float = field(default=0.07, metadata={
+        "help": "T of the weighted k-NN vote, sum of exp(cosine / T) per class (DINO, DINOv2, MIM-Refiner: 0.07)"})
     retrieval_batch_size: int = field(default=256, metadata={"help": "images per retrieval embedding batch"})
     retrieval_teacher: bool = field(default=True, metadata={
         "help": "also evaluate the teacher once per run and log it with a teacher_ prefix"})
@@ -149,6 +164,8 @@ class D2vKDTask(FairseqTask):
         self.teacher_arch = None  # saved in checkpoints (task_state): rebuilds the model without the teacher
         self.inference_teacher_arch = None  # set only while fairseq rebuilds a trained checkpoint
         self.guard = None  # guards.TrainingGuard, configured by the criterion (build_criterion)
+        self.teacher_weights = None  # model.teacher_weights, for the evaluation protocol record
+        self.protocol_written = False
 
     @classmethod
     def setup_task(cls, cfg: D2vKDTaskConfig, from_checkpoint: bool = False, **kwargs):
@@ -158,6 +175,7 @@ class D2vKDTask(FairseqTask):
             return cls(cfg)
         if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
             raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
+        check_retrieval_settings(cfg)
         if not cfg.data:
             raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
                                             "(a folder of images in ImageFolder layout, or a text file of paths)")
@@ -186,6 +204,9 @@ class D2vKDTask(FairseqTask):
                              f"{teacher_size}; data2vec2 models have a fixed position table, so leave "
                              "task.input_size unset (or null)")
         self.input_size = teacher_size
+        self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
+        if self.retrieval_sets:
+            check_retrieval_model(self.cfg, model)
         return model
 
     def build_criterion(self, cfg, from_checkpoint: bool = False):
@@ -255,13 +276,40 @@ class D2vKDTask(FairseqTask):
             return "cls" if model.num_extra_tokens > 0 else "mean"
         return pooling
 
+    def evaluation_settings(self, model) -> dict:
+        """The arguments of ``evaluate_retrieval`` (and ``evaluation_protocol``) for ``model``."""
+        param = next(model.parameters())
+        return dict(input_size=model.input_size, num_extra_tokens=model.num_extra_tokens,
+                    pooling=self.pooling(model), batch_size=self.cfg.retrieval_batch_size, device=param.device,
+                    dtype=param.dtype, knn_k=self.cfg.knn_k, knn_temperature=self.cfg.knn_temperature,
+                    standardize=self.cfg.retrieval_standardize)
+
     def _evaluate(self, feature_fn, model, on_embedded=None):
-        dtype = next(model.parameters()).dtype
-        return evaluate_retrieval(
-            feature_fn, self.retrieval_sets, input_size=model.input_size,
-            num_extra_tokens=model.num_extra_tokens, pooling=self.pooling(model),
-            batch_size=self.cfg.retrieval_batch_size, device=next(model.parameters()).device,
-            dtype=dtype, progress=self.cfg.retrieval_progress, on_embedded=on_embedded)
+        layer = self.cfg.retrieval_layer
+        return evaluate_retrieval(lambda x: feature_fn(x, layer), self.retrieval_sets,
+                                  progress=self.cfg.retrieval_progress, on_embedded=on_embedded,
+                                  **self.evaluation_settings(model))
+
+    def write_protocol(self, model, with_teacher: bool) -> None:
+        """``SAVE_DIR/eval_protocol.json``: how this run's validation metrics are computed (rank 0 only)."""
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if not rank0 or not self.cfg.save_dir:
+            return
+        settings, layer = self.evaluation_settings(model), self.cfg.retrieval_layer
+        distiller = model.distiller
+
+        def record(who, blocks, weights, final_norm):
+            return evaluation_protocol(self.retrieval_sets, **settings, layer=layer, weights=weights, model=who,
+                                       blocks=len(blocks), block=block_index(layer, len(blocks)) + 1,
+                                       final_norm=final_norm)
+
+        write_json(Path(self.cfg.save_dir) / "eval_protocol.json", {
+            "written_at_update": completed_updates(),
+            "metrics": "valid_<name> in fairseq's log; the teacher's with a teacher_ prefix",
+            "student": record("student", distiller.student_blocks, "student", distiller.student_norm is not None),
+            "teacher": record("teacher", distiller.teacher_blocks, self.teacher_weights or "model", False)
+            if with_teacher else None,
+        })
 
     def _example_writer(self, step):
         """Draws the first retrieval set's fixed queries and neighbours (rank 0 only) from embeddings the
@@ -286,9 +334,12 @@ class D2vKDTask(FairseqTask):
             with torch.inference_mode():
                 student = self._evaluate(model.forward_features, model,
                                          on_embedded=self._example_writer(completed_updates()))
-                if self.cfg.retrieval_teacher and self.teacher_metrics is None \
-                        and model.distiller.teacher_blocks is not None:
+                with_teacher = self.cfg.retrieval_teacher and model.distiller.teacher_blocks is not None
+                if with_teacher and self.teacher_metrics is None:
                     self.teacher_metrics = self._evaluate(model.teacher_features, model)
+            if not self.protocol_written:
+                self.write_protocol(model, with_teacher)
+                self.protocol_written = True
             logging_output.update({k: float(v) for k, v in student.items()})
             logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
             logging_output["retrieval_rounds"] = 1
@@ -318,6 +369,34 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def check_retrieval_settings(cfg: D2vKDTaskConfig) -> None:
+    """Retrieval settings that are wrong whatever the model (checked before the teacher is loaded)."""
+    if cfg.knn_k < 0:
+        raise ValueError(f"task.knn_k={cfg.knn_k}: use the number of neighbours that vote (DINO: 20), or 0 for no "
+                         "k-NN metrics")
+    if cfg.knn_k and not cfg.knn_temperature > 0:
+        raise ValueError(f"task.knn_temperature={cfg.knn_temperature} must be positive (DINO: 0.07)")
+    if cfg.retrieval_layer > -1:
+        raise ValueError(f"task.retrieval_layer={cfg.retrieval_layer}: use -1 for the last block or -k for the k-th "
+                         "from last")
+
+
+def check_retrieval_model(cfg: D2vKDTaskConfig, model) -> None:
+    """Retrieval settings the model cannot serve: a layer deeper than the student (or the evaluated teacher),
+    CLS pooling without a CLS token."""
+    distiller = model.distiller
+    stacks = [("student", distiller.student_blocks)]
+    if cfg.retrieval_teacher and distiller.teacher_blocks is not None:
+        stacks.append(("teacher", distiller.teacher_blocks))
+    for who, blocks in stacks:
+        if -cfg.retrieval_layer > len(blocks):
+            raise ValueError(f"task.retrieval_layer={cfg.retrieval_layer}, but the {who} has {len(blocks)} blocks; "
+                             f"use a layer between -{len(blocks)} and -1")
+    if str(cfg.retrieval_pooling) in ("cls", "cls+mean") and model.num_extra_tokens < 1:
+        raise ValueError(f"task.retrieval_pooling={cfg.retrieval_pooling}, but the teacher's encoder has no extra "
+                         "(CLS) token; use task.retrieval_pooling=mean (or auto)")
 
 
 def fit_workers(requested: int) -> int:
@@ -352,8 +431,7 @@ def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
             sets[name] = load_cifar(os.path.expanduser(root), name, limit=limit)
     if cfg.retrieval_folder:
         folder = os.path.expanduser(cfg.retrieval_folder)
-        name = re.sub(r"[^A-Za-z0-9_]", "_", os.path.basename(os.path.normpath(folder))).strip("_") or "custom"
-        sets[name] = load_image_folder_pair(folder, limit=limit)
+        sets[folder_set_name(folder)] = load_image_folder_pair(folder, limit=limit)
     if not sets:
         raise ValueError("task.retrieval=true but no retrieval data is configured: set task.cifar10_root and/or "
                          "task.cifar100_root (download with scripts/prepare_data.py --cifar DIR) or "

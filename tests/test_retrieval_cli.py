@@ -102,9 +102,10 @@ def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
 
     class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.kd_model.load_student returns
         num_extra_tokens, input_size = 1, 32
+        distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None)
 
-        def forward_features(self, images):
-            return model(images)["x"]
+        def forward_features(self, images, layer=-1):
+            return model(images)["block_out"][layer]
 
     def load_student(path, device="cpu", trust_checkpoint=False):
         calls.append((path, device, trust_checkpoint))

@@ -101,16 +101,21 @@ def test_bf16_dtype_runs_a_float32_model_and_returns_float32():
     assert F.cosine_similarity(ref, low).min() > 0.98
 
 
-def test_evaluate_retrieval_reports_eight_metrics_per_set():
+def test_evaluate_retrieval_reports_retrieval_and_knn_metrics_per_set():
     sets = {"cifar10": colour_set(), "cifar100": colour_set(20, 10, seed=1)}
     model = tiny_d2v()
     metrics = evaluate_retrieval(lambda x: model(x)["x"], sets, input_size=32, num_extra_tokens=1, device="cpu",
                                  progress=False)
-    expected = ["cifar10_top1", "cifar10_top3", "cifar10_inv_top1", "cifar10_inv_top3",
-                "cifar100_top1", "cifar100_top3", "cifar100_inv_top1", "cifar100_inv_top3"]
+    expected = [f"{s}_{m}" for s in ("cifar10", "cifar100")
+                for m in ("top1", "top3", "knn20", "knn20_uniform", "inv_top1", "inv_top3")]
     assert list(metrics) == expected == metric_names("cifar10") + metric_names("cifar100")
     assert all(type(v) is float and 0.0 <= v <= 100.0 for v in metrics.values())
     assert all(metrics[f"{s}_top3"] >= metrics[f"{s}_top1"] for s in ("cifar10", "cifar100", "cifar10_inv"))
+    # knn_k=0: the retrieval metrics alone, unchanged
+    plain = evaluate_retrieval(lambda x: model(x)["x"], sets, input_size=32, num_extra_tokens=1, device="cpu",
+                               progress=False, knn_k=0)
+    assert plain == {k: v for k, v in metrics.items() if "knn" not in k}
+    assert list(plain) == metric_names("cifar10", knn_k=0) + metric_names("cifar100", knn_k=0)
 
 
 def test_cls_and_mean_pooling_read_different_tokens():
@@ -119,10 +124,12 @@ def test_cls_and_mean_pooling_read_different_tokens():
     # Colour in the CLS token: CLS pooling retrieves perfectly; the identical patch tokens carry nothing
     # (all scores tie, so every query retrieves memory items 0, 1, 2 = one of each class: top-3 is perfect).
     by_cls = evaluate_retrieval(colour_in_cls, sets, pooling="cls", **cls_only)
-    assert by_cls == {"colours_top1": 100.0, "colours_top3": 100.0, "colours_inv_top1": 100.0,
-                      "colours_inv_top3": 100.0}
+    assert set(by_cls.values()) == {100.0}
     by_mean = evaluate_retrieval(colour_in_cls, sets, pooling="mean", **cls_only)
     assert by_mean["colours_top1"] == pytest.approx(100 / 3)
+    # All 30 memory items tie: the 20 voters are items 0..19 (classes 0, 1, 2 cyclic: 7, 7 and 6 votes); the
+    # tie between classes 0 and 1 goes to the nearest, item 0 (class 0), in both votes: a third are right.
+    assert by_mean["colours_knn20"] == by_mean["colours_knn20_uniform"] == pytest.approx(100 / 3)
     # Colour in the patch tokens: mean pooling ignores the huge extra token, so it retrieves perfectly.
     assert set(evaluate_retrieval(colour_in_patches, sets, pooling="mean", **cls_only).values()) == {100.0}
     by_cls = evaluate_retrieval(colour_in_patches, sets, pooling="cls", **cls_only)

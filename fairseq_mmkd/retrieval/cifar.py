@@ -154,7 +154,9 @@ def load_cifar(root, name: str, limit: Optional[int] = None) -> RetrievalSet:
                                  f"{layout.describe()} under {root}; {PREPARE_HINT}")
     train = _read_split(data_dir, layout.train_files, layout, limit)
     test = _read_split(data_dir, layout.test_files, layout, limit)
-    return RetrievalSet(*train, *test)
+    source = (f"{layout.title} python pickles in {data_dir.resolve()}, 32x32 as stored"
+              + (f", first {limit} images of each split" if limit is not None else ""))
+    return RetrievalSet(*train, *test, source=source)
 
 
 def _rows(images, labels, split: str) -> Tuple[np.ndarray, list]:

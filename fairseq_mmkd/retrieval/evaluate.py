@@ -1,9 +1,17 @@
-"""Zero-shot retrieval evaluation: embed labelled images with a frozen encoder, then top-k retrieval.
+"""Zero-shot evaluation of a frozen encoder on labelled sets: top-k retrieval and k-NN classification.
 
 For each set the train split is the memory bank and the test split the queries (``<set>_top1``,
-``<set>_top3``), then the other way round (``<set>_inv_top1``, ``<set>_inv_top3``). ``evaluate_retrieval``
-is the one entry point: the fairseq task's validation and the standalone evaluator
-(``python -m fairseq_mmkd.retrieval``) both call it, so their numbers are the same computation.
+``<set>_top3``, and the k-NN accuracies ``<set>_knn20`` (DINO's weighted vote) and ``<set>_knn20_uniform``
+(majority vote)), then retrieval the other way round (``<set>_inv_top1``, ``<set>_inv_top3``). One exact
+search per direction serves every metric of that direction (``search.nearest_neighbours``).
+``evaluate_retrieval`` is the one entry point: the fairseq task's validation and the standalone evaluator
+(``python -m fairseq_mmkd.retrieval``) both call it, so their numbers are the same computation, and
+``evaluation_protocol`` records how it ran (pooling, layer, standardisation, k, T, votes, preprocessing,
+splits and sizes, precision) so that every number can be compared with the right published one.
+
+The embeddings can be standardised per dimension with the memory bank's mean and standard deviation
+(``standardize``, as MIM-Refiner does) before L2 normalisation. Everything after ``embed`` sees only
+embeddings and labels; the image-specific part is ``embed``'s preprocessing and the set's ``protocol``.
 
 Under ``torch.distributed`` every rank embeds one contiguous shard of each split and the shards are
 all-gathered, so every rank ends up with the full, ordered embeddings and computes the same metrics.
@@ -20,60 +28,73 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .search import topk_accuracy
+from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess  # noqa: F401  (re-exported)
+from .knn import knn_accuracy
+from .search import nearest_neighbours, resolve_backend, topk_hits
 from .sets import RetrievalSet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "cls+mean")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # set names prefix metric names: no spaces or dots
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def metric_names(set_name: str, ks: Sequence[int] = (1, 3)) -> list:
+def knn_metric_names(set_name: str, knn_k: int = 20) -> list:
+    """``<set>_knn<k>`` (weighted vote) and ``<set>_knn<k>_uniform``; none when ``knn_k`` is 0."""
+    return [f"{set_name}_knn{knn_k}", f"{set_name}_knn{knn_k}_uniform"] if knn_k else []
+
+
+def metric_names(set_name: str, ks: Sequence[int] = (1, 3), knn_k: int = 20) -> list:
     """The metrics ``evaluate_retrieval`` reports for one set, in order (``cifar10_top1``, ...)."""
-    return [f"{set_name}_top{k}" for k in ks] + [f"{set_name}_inv_top{k}" for k in ks]
+    return ([f"{set_name}_top{k}" for k in ks] + knn_metric_names(set_name, knn_k)
+            + [f"{set_name}_inv_top{k}" for k in ks])
 
 
-def preprocess(images: torch.Tensor, input_size: int, device) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float ``[B, 3, S, S]`` on ``device``, resized and ImageNet-normalised.
+def pool_features(features: torch.Tensor, num_extra_tokens: int, pooling: str,
+                  padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, T, D]`` token features -> one vector per item.
 
-    The whole batch is converted and resized on the device; no per-image Python or PIL work. Resizing is
-    bicubic. Upsampling (CIFAR's 32 -> 224) uses ``antialias=False``: antialiasing only matters when
-    shrinking, and without it torch uses its standard bicubic kernel (a = -0.75, like torchvision's tensor
-    ``Resize``), which differs from PIL's bicubic (a = -0.5) by a small interpolation detail. Shrinking
-    (larger custom images) uses ``antialias=True`` to avoid aliasing. The result is clamped to the valid
-    pixel range, as a uint8 resize would be, before normalisation.
+    Args:
+        features: token features, extra (CLS) tokens first.
+        num_extra_tokens: how many extra tokens lead the sequence.
+        pooling: ``"cls"`` (the first extra token, ``[B, D]``), ``"mean"`` (the mean of the other tokens, extra
+            tokens excluded, ``[B, D]``) or ``"cls+mean"`` (both concatenated, ``[B, 2D]``, as DINO's ViT-B
+            linear probe).
+        padding_mask: optional bool ``[B, T]``, True at padded positions, which the mean leaves out (for
+            variable-length inputs; images have none).
     """
-    x = images.to(device, non_blocking=True).float().div_(255.0)
-    height, width = x.shape[-2:]
-    if (height, width) != (input_size, input_size):
-        shrink = height > input_size or width > input_size
-        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False,
-                          antialias=shrink).clamp_(0.0, 1.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def pool_features(features: torch.Tensor, num_extra_tokens: int, pooling: str) -> torch.Tensor:
-    """``[B, T, D]`` token features -> ``[B, D]``: the first extra (CLS) token, or the mean of patch tokens."""
     if features.ndim != 3 or features.shape[1] <= num_extra_tokens:
         raise ValueError(f"feature_fn must return [B, T, D] with T > num_extra_tokens={num_extra_tokens}, "
                          f"got {list(features.shape)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    cls = features[:, 0]
     if pooling == "cls":
-        return features[:, 0]
-    if pooling == "mean":
-        return features[:, num_extra_tokens:].mean(1)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        return cls
+    tokens = features[:, num_extra_tokens:]
+    if padding_mask is None:
+        mean = tokens.mean(1)
+    else:
+        keep = (~padding_mask[:, num_extra_tokens:].bool()).to(tokens.dtype).unsqueeze(-1)
+        mean = (tokens * keep).sum(1) / keep.sum(1).clamp_min(1)
+    return mean if pooling == "mean" else torch.cat([cls, mean], dim=1)
+
+
+def standardize_embeddings(memory: torch.Tensor, queries: torch.Tensor) -> tuple:
+    """Subtract the memory bank's per-dimension mean from memory and queries and divide by its standard
+    deviation (population std; a constant dimension keeps scale 1, as scikit-learn's ``StandardScaler``)."""
+    mean = memory.double().mean(0)
+    std = memory.double().std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (((memory.double() - mean) / std).to(memory.dtype),
+            ((queries.double() - mean) / std).to(queries.dtype))
 
 
 def _check_pooling(pooling: str, num_extra_tokens: int) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if pooling == "cls" and num_extra_tokens < 1:
-        raise ValueError("pooling='cls' needs an extra (CLS) token, but the model has num_extra_tokens=0; "
+    if pooling in ("cls", "cls+mean") and num_extra_tokens < 1:
+        raise ValueError(f"pooling={pooling!r} needs an extra (CLS) token, but the model has num_extra_tokens=0; "
                          "use pooling='mean'")
 
 
@@ -108,7 +129,7 @@ def embed(feature_fn: FeatureFn, images: torch.Tensor, input_size: int, num_extr
         images: uint8 ``[N, 3, H, W]`` (CPU; each batch is moved to ``device``).
         input_size: the encoder's input size ``S``; images are resized to it (see ``preprocess``).
         num_extra_tokens: how many extra (CLS) tokens lead the sequence.
-        pooling: ``"cls"`` (first extra token) or ``"mean"`` (mean of the patch tokens, extra tokens excluded).
+        pooling: ``"cls"``, ``"mean"`` or ``"cls+mean"``; see ``pool_features``.
         batch_size: images per forward pass.
         device: where preprocessing and the forward pass run.
         dtype: compute dtype (e.g. ``torch.bfloat16``): the input is cast to it and the forward runs under
@@ -149,49 +170,132 @@ def embed(feature_fn: FeatureFn, images: torch.Tensor, input_size: int, num_extr
     return _all_gather_rows(local, total) if world > 1 else local
 
 
+def _check_settings(sets: Mapping[str, RetrievalSet], pooling: str, num_extra_tokens: int, ks: Sequence[int],
+                    knn_k: int, knn_temperature: float) -> None:
+    _check_pooling(pooling, num_extra_tokens)
+    for name in sets:
+        if not SET_NAME.fullmatch(name):
+            raise ValueError(f"set name {name!r} is used as a metric prefix: use letters, digits, '_' or '-'")
+    if not ks or min(int(k) for k in ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+    if int(knn_k) < 0:
+        raise ValueError(f"knn_k must be >= 0 (0: no k-NN metrics), got {knn_k}")
+    if knn_k and not knn_temperature > 0:
+        raise ValueError(f"knn_temperature must be positive, got {knn_temperature}")
+
+
 def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], input_size: int,
                        num_extra_tokens: int, pooling: str = "cls", batch_size: int = 256, device=None,
                        dtype: Optional[torch.dtype] = None, ks: Sequence[int] = (1, 3), backend: str = "auto",
-                       progress: bool = True, on_embedded: Optional[Callable] = None) -> Dict[str, float]:
-    """Retrieval accuracy of an encoder on labelled image sets, in both directions.
+                       progress: bool = True, on_embedded: Optional[Callable] = None, knn_k: int = 20,
+                       knn_temperature: float = 0.07, standardize: bool = False) -> Dict[str, float]:
+    """Retrieval and k-NN accuracy of an encoder on labelled sets (retrieval in both directions).
 
-    The caller puts the model in eval mode; this function only runs ``feature_fn`` without gradients.
+    The caller puts the model in eval mode and picks the layer (``feature_fn``); this function only runs
+    ``feature_fn`` without gradients. ``evaluation_protocol`` with the same arguments describes the run.
 
     Args:
         feature_fn: normalised float ``[B, 3, S, S]`` -> token features ``[B, T, D]`` (extra tokens first).
         sets: set name (the metric prefix, e.g. ``"cifar10"``) -> its ``RetrievalSet``.
         input_size: the encoder's input size ``S``.
         num_extra_tokens: how many extra (CLS) tokens lead the feature sequence.
-        pooling: ``"cls"`` or ``"mean"``; see ``embed``.
+        pooling: ``"cls"``, ``"mean"`` or ``"cls+mean"``; see ``pool_features``.
         batch_size: images per forward pass.
         device: where to embed; default CUDA when available, else CPU.
         dtype: compute dtype (``torch.bfloat16`` for bf16 autocast), ``None`` for float32.
-        ks: the k of each top-k metric.
-        backend: nearest-neighbour search backend (``"auto"``, ``"faiss"``, ``"torch"``); see ``topk_accuracy``.
+        ks: the k of each top-k retrieval metric.
+        backend: nearest-neighbour search backend (``"auto"``, ``"faiss"``, ``"torch"``); see
+            ``search.nearest_neighbours``.
         progress: show tqdm bars (rank 0 only).
-        on_embedded: optional ``fn(name, data, train_embeddings, test_embeddings)`` called per set, so callers
-            can reuse the embeddings (e.g. to draw retrieval examples) instead of computing them again.
+        on_embedded: optional ``fn(name, data, train_embeddings, test_embeddings)`` called per set with the
+            embeddings the train -> test search uses (standardised when ``standardize``), so callers can
+            reuse them (e.g. to draw retrieval examples) instead of computing them again.
+        knn_k: neighbours voting in the k-NN metrics (train split as memory, test split as queries); 0: none.
+        knn_temperature: T of the weighted vote, ``exp(cosine / T)``.
+        standardize: standardise each direction's memory bank and queries with the memory bank's
+            per-dimension mean and std before L2 normalisation.
 
     Returns:
-        ``{f"{name}_top{k}": percent, f"{name}_inv_top{k}": percent}`` for every set and k, Python floats,
-        identical on every rank; ordered as ``metric_names``.
+        ``{f"{name}_top{k}", f"{name}_knn{knn_k}", f"{name}_knn{knn_k}_uniform", f"{name}_inv_top{k}": percent}``
+        for every set and k, Python floats, identical on every rank; ordered as ``metric_names``.
     """
-    _check_pooling(pooling, num_extra_tokens)
-    for name in sets:
-        if not SET_NAME.fullmatch(name):
-            raise ValueError(f"set name {name!r} is used as a metric prefix: use letters, digits, '_' or '-'")
+    _check_settings(sets, pooling, num_extra_tokens, ks, knn_k, knn_temperature)
+    ks = [int(k) for k in ks]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = dict(input_size=input_size, num_extra_tokens=num_extra_tokens, pooling=pooling,
                   batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    prepare = standardize_embeddings if standardize else (lambda memory, queries: (memory, queries))
     metrics: Dict[str, float] = {}
     for name, data in sets.items():
         train = embed(feature_fn, data.train_images, desc=f"{name} train", **kwargs)
         test = embed(feature_fn, data.test_images, desc=f"{name} test", **kwargs)
+        memory, queries = prepare(train, test)
         if on_embedded is not None:
-            on_embedded(name, data, train, test)
-        forward = topk_accuracy(train, data.train_labels, test, data.test_labels, ks, backend=backend)
-        inverse = topk_accuracy(test, data.test_labels, train, data.train_labels, ks, backend=backend)
-        metrics.update({f"{name}_top{k}": forward[k] for k in ks})
-        metrics.update({f"{name}_inv_top{k}": inverse[k] for k in ks})
+            on_embedded(name, data, memory, queries)
+        train_labels, test_labels = data.train_labels.to(memory.device), data.test_labels.to(memory.device)
+        # One search serves top-k and the k-NN votes: neighbours are ordered, so the first k are the top k.
+        forward = nearest_neighbours(memory, queries, max(max(ks), knn_k), backend=backend)
+        metrics.update({f"{name}_top{k}": v for k, v in topk_hits(forward, train_labels, test_labels, ks).items()})
+        if knn_k:
+            knn = knn_accuracy(forward, train_labels, test_labels, knn_k, knn_temperature)
+            weighted, uniform = knn_metric_names(name, knn_k)
+            metrics.update({weighted: knn["weighted"], uniform: knn["uniform"]})
+        memory, queries = prepare(test, train)
+        inverse = nearest_neighbours(memory, queries, max(ks), backend=backend)
+        metrics.update({f"{name}_inv_top{k}": v for k, v in topk_hits(inverse, test_labels, train_labels, ks).items()})
     return metrics
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``None`` -> ``"float32"``, ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: int, num_extra_tokens: int,
+                        pooling: str = "cls", device=None, dtype: Optional[torch.dtype] = None,
+                        ks: Sequence[int] = (1, 3), backend: str = "auto", knn_k: int = 20,
+                        knn_temperature: float = 0.07, standardize: bool = False, layer: int = -1,
+                        weights: str = "", batch_size: Optional[int] = None, progress=None, on_embedded=None,
+                        **described) -> dict:
+    """How ``evaluate_retrieval`` with the same arguments computes its numbers, as a JSON-ready dict.
+
+    Takes ``evaluate_retrieval``'s keyword arguments (those that do not change a number are accepted and
+    ignored), plus what only the caller knows: ``layer`` (the block ``feature_fn`` reads, -1 the last, -k the
+    k-th from last), ``weights`` (``"student"``, or the teacher's ``"model"``/``"ema"``) and any further
+    ``described`` facts (model, checkpoint, ...), which lead the record. Each set contributes its own part
+    (``RetrievalSet.protocol``: splits, sizes, source, resize and normalisation).
+    """
+    _check_settings(sets, pooling, num_extra_tokens, ks, knn_k, knn_temperature)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    weighted, uniform = (f"knn{knn_k}", f"knn{knn_k}_uniform")
+    return {
+        **described,
+        "weights": weights,
+        "layer": int(layer),
+        "pooling": pooling,
+        "num_extra_tokens": int(num_extra_tokens),
+        "standardize": bool(standardize),
+        "standardize_statistics": ("per-dimension mean and population std of the memory bank, applied to memory "
+                                   "and queries (each direction uses its own memory bank)") if standardize else None,
+        "l2_normalize": True,
+        "similarity": "cosine",
+        "search": f"exact ({resolve_backend(backend)})",
+        "ties": "equal similarities: the lower memory-bank index is nearer",
+        "retrieval_ks": [int(k) for k in ks],
+        "retrieval_hit": "a query is right at top-k when any of its k nearest memory items has its class",
+        "retrieval_inverse": "<set>_inv_top<k>: the test split is the memory bank and the train split the queries",
+        "knn_k": int(knn_k),
+        "knn_temperature": float(knn_temperature) if knn_k else None,
+        "knn_weighting": {
+            weighted: "weighted: sum of exp(cosine / T) per class (DINO); ties to the class of the nearest",
+            uniform: "uniform: one vote per neighbour, majority wins; ties to the class of the nearest",
+        } if knn_k else {},
+        "knn_memory_split": "train" if knn_k else None,
+        "knn_query_split": "test" if knn_k else None,
+        "input_size": int(input_size),
+        "dtype": dtype_name(dtype),
+        "device": torch.device(device).type,
+        "sets": {name: data.protocol(input_size) for name, data in sets.items()},
+    }

@@ -7,6 +7,8 @@ the same folder name means the same class in either direction of retrieval.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -51,6 +53,12 @@ def _decode(path: Path, image_size: int) -> torch.Tensor:
         raise RetrievalDataError(f"{path}: cannot be decoded as an image ({e})") from None
 
 
+def folder_set_name(root) -> str:
+    """The metric prefix of a labelled folder: its name with anything but letters, digits and '_' as '_'."""
+    name = os.path.basename(os.path.normpath(os.path.expanduser(str(root))))
+    return re.sub(r"[^A-Za-z0-9_]", "_", name).strip("_") or "custom"
+
+
 def load_image_folder_pair(root, image_size: int = 224, limit: Optional[int] = None) -> RetrievalSet:
     """Load ``root/train`` (memory bank) and ``root/test`` (queries), one class per subfolder.
 
@@ -75,4 +83,7 @@ def load_image_folder_pair(root, image_size: int = 224, limit: Optional[int] = N
         images = torch.stack([_decode(path, image_size) for path, _ in files])
         labels = torch.tensor([label for _, label in files], dtype=torch.int64)
         splits += [images, labels]
-    return RetrievalSet(*splits)
+    source = (f"image folders {root.resolve()}/train and /test, decoded with PIL and fitted to "
+              f"{image_size}x{image_size} (ImageOps.fit: centre crop to a square, bicubic resize)"
+              + (f", {limit} images per split, evenly spaced" if limit is not None else ""))
+    return RetrievalSet(*splits, source=source)

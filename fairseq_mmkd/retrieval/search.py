@@ -2,16 +2,18 @@
 
 A query counts as correct at top-k when any of its k most similar memory-bank items has the query's
 class. Both backends search exhaustively (no approximation), so they agree; the only freedom exact search
-leaves is which of several equally similar items fill the last of the k places. That choice can change
-the answer (a collapsed model embeds everything identically), so it is fixed here for both backends:
-**items with the lower memory-bank index win ties**. Each backend fetches k+1 neighbours; queries whose
-k-th and (k+1)-th scores are equal are re-decided by ``_tie_aware_hits``, which applies that rule over the
-whole memory bank.
+leaves is which of several equally similar items fill the last of the k places, and in which order equal
+items are listed. That choice can change the answer (a collapsed model embeds everything identically), so
+it is fixed here for both backends: **items with the lower memory-bank index win ties**. Each backend
+fetches k+1 neighbours; queries whose k-th and (k+1)-th scores are equal are re-decided by
+``_tie_aware_topk``, which applies that rule over the whole memory bank. ``nearest_neighbours`` returns
+the ordered neighbour lists, which retrieval top-k (``topk_hits``) and the k-NN votes (``knn.py``) share.
 """
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -81,14 +83,21 @@ def _search_torch(memory: torch.Tensor, queries: torch.Tensor, k: int) -> Tuple[
     return torch.cat(scores), torch.cat(ids)
 
 
-def _tie_aware_hits(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor,
-                    query_labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k hits with ties at the k-th score broken towards lower memory indices (bool ``[Q]``).
+def _sort_neighbours(scores: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Order each row by score, highest first, and equal scores by memory index, lowest first."""
+    by_id = ids.argsort(dim=1)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    by_score = scores.sort(dim=1, descending=True, stable=True).indices  # stable: keeps the index order
+    return scores.gather(1, by_score), ids.gather(1, by_score)
+
+
+def _tie_aware_topk(memory: torch.Tensor, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the whole memory bank with ties at the k-th score broken towards lower memory indices.
 
     Every item scoring above the k-th score is in the top k; the remaining places go to the items scoring
-    exactly the k-th score, in memory-bank order.
+    exactly the k-th score, in memory-bank order. Returns unsorted ``[Q, k]`` scores and ids.
     """
-    hits = []
+    all_scores, all_ids = [], []
     step = _row_chunk(len(memory), memory.device)
     for start in range(0, len(queries), step):
         scores = queries[start:start + step] @ memory.T
@@ -97,9 +106,10 @@ def _tie_aware_hits(memory: torch.Tensor, memory_labels: torch.Tensor, queries: 
         at = scores == kth
         free = k - above.sum(1, keepdim=True)
         chosen = above | (at & (at.cumsum(1, dtype=torch.int32) <= free))
-        same = memory_labels[None, :] == query_labels[start:start + step, None]
-        hits.append((chosen & same).any(1))
-    return torch.cat(hits)
+        ids = chosen.nonzero()[:, 1].view(len(scores), k)  # exactly k per row, in memory-bank order
+        all_scores.append(scores.gather(1, ids))
+        all_ids.append(ids)
+    return torch.cat(all_scores), torch.cat(all_ids)
 
 
 def _embeddings(x, name: str) -> torch.Tensor:
@@ -116,38 +126,58 @@ def _labels(x, name: str) -> torch.Tensor:
     return t.long()
 
 
-def topk_accuracy(memory, memory_labels, queries, query_labels, ks: Sequence[int] = (1, 3),
-                  backend: str = "auto") -> Dict[int, float]:
-    """Top-k retrieval accuracy (percent) of ``queries`` against ``memory`` by cosine similarity.
+@dataclass
+class Neighbours:
+    """The k nearest memory items of each query, nearest first (ties: lower memory index first).
 
-    Args:
-        memory: float ``[N, D]`` memory-bank embeddings (torch or numpy; need not be normalised).
-        memory_labels: integer ``[N]`` classes of the memory bank.
-        queries: float ``[Q, D]`` query embeddings.
-        query_labels: integer ``[Q]`` classes of the queries.
-        ks: the k values to report; k larger than ``N`` counts the whole memory bank.
-        backend: ``"faiss"`` (``IndexFlatIP``; on a GPU when faiss and CUDA have one), ``"torch"`` (chunked
-            matmul + topk on the tensors' device), or ``"auto"`` (faiss when importable, else torch).
-
-    Returns:
-        ``{k: accuracy}`` with Python floats in ``[0, 100]`` (never numpy scalars: fairseq pickles logged
-        metrics into checkpoints, and a numpy scalar there breaks resuming with a safe load).
+    Attributes:
+        scores: float32 ``[Q, k]`` cosine similarities.
+        ids: int64 ``[Q, k]`` memory-bank indices.
     """
+
+    scores: torch.Tensor
+    ids: torch.Tensor
+
+
+def resolve_backend(backend: str) -> str:
+    """``"faiss"`` or ``"torch"``: what ``backend`` (``"auto"`` included) searches with here."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "faiss" and not faiss_available():
         raise ImportError("backend='faiss' but faiss cannot be imported; install faiss-gpu or faiss-cpu, "
                           "or use backend='torch'")
-    use_faiss = backend == "faiss" or (backend == "auto" and faiss_available())
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    return "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
 
+
+def _check_inputs(memory, memory_labels, queries, query_labels):
     memory, queries = _embeddings(memory, "memory"), _embeddings(queries, "queries")
     memory_labels, query_labels = _labels(memory_labels, "memory_labels"), _labels(query_labels, "query_labels")
     if len(memory) != len(memory_labels) or len(queries) != len(query_labels):
         raise ValueError(f"{len(memory)} memory items with {len(memory_labels)} labels, "
                          f"{len(queries)} queries with {len(query_labels)} labels")
+    device = memory.device
+    return memory, memory_labels.to(device), queries.to(device), query_labels.to(device)
+
+
+def nearest_neighbours(memory, queries, k: int, backend: str = "auto") -> Neighbours:
+    """Exact cosine-similarity k nearest neighbours, in the fixed order of this module.
+
+    Rows are ordered by similarity, highest first; equal similarities by memory index, lowest first, and
+    the same rule decides which of several equally similar items fill the last places. So the first j
+    columns of a k-neighbour answer are the j-neighbour answer, for every j <= k: one search serves top-1,
+    top-3 and a k-NN vote alike.
+
+    Args:
+        memory: float ``[N, D]`` memory-bank embeddings (torch or numpy; need not be normalised).
+        queries: float ``[Q, D]`` query embeddings.
+        k: neighbours per query; more than ``N`` returns all ``N``.
+        backend: ``"faiss"`` (``IndexFlatIP``; on a GPU when faiss and CUDA have one), ``"torch"`` (chunked
+            matmul + topk on the tensors' device), or ``"auto"`` (faiss when importable, else torch).
+    """
+    use_faiss = resolve_backend(backend) == "faiss"
+    memory, queries = _embeddings(memory, "memory"), _embeddings(queries, "queries")
+    if int(k) < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
     if len(memory) == 0 or len(queries) == 0:
         raise ValueError("memory bank and queries must both be non-empty")
     if memory.shape[1] != queries.shape[1]:
@@ -158,23 +188,52 @@ def topk_accuracy(memory, memory_labels, queries, query_labels, ks: Sequence[int
             raise ValueError(f"{name}: {bad} of {len(t)} embeddings contain NaN or inf (did training diverge?)")
 
     device = memory.device
-    queries, query_labels = queries.to(device), query_labels.to(device)
-    memory_labels = memory_labels.to(device)
-    memory, queries = F.normalize(memory, dim=1), F.normalize(queries, dim=1)
-
+    memory, queries = F.normalize(memory, dim=1), F.normalize(queries.to(device), dim=1)
     num_memory = len(memory)
-    fetch = min(max(ks) + 1, num_memory)
+    k = min(int(k), num_memory)
+    fetch = min(k + 1, num_memory)  # one more: a tie across the k-th place shows as equal k-th and (k+1)-th
     search = _search_faiss if use_faiss else _search_torch
     scores, ids = search(memory, queries, fetch)
-    scores, ids = scores.to(device), ids.to(device)
+    scores, ids = _sort_neighbours(scores.to(device), ids.to(device))
+    if k < num_memory:
+        tied = (scores[:, k - 1] == scores[:, k]).nonzero().flatten()
+        if len(tied):  # the tied items outside the fetched ones may have lower indices: decide over the bank
+            scores, ids = scores[:, :k].clone(), ids[:, :k].clone()
+            scores[tied], ids[tied] = _sort_neighbours(*_tie_aware_topk(memory, queries[tied], k))
+    return Neighbours(scores[:, :k].contiguous(), ids[:, :k].contiguous())
 
+
+def topk_hits(neighbours: Neighbours, memory_labels: torch.Tensor, query_labels: torch.Tensor,
+              ks: Sequence[int]) -> Dict[int, float]:
+    """Top-k accuracy (percent) for each k from one ``nearest_neighbours`` answer with at least max(ks)
+    columns (or the whole memory bank)."""
     result = {}
     for k in ks:
-        k_eff = min(k, num_memory)
-        hits = (memory_labels[ids[:, :k_eff]] == query_labels[:, None]).any(1)
-        if k_eff < num_memory:
-            tied = (scores[:, k_eff - 1] == scores[:, k_eff]).nonzero().flatten()
-            if len(tied):
-                hits[tied] = _tie_aware_hits(memory, memory_labels, queries[tied], query_labels[tied], k_eff)
-        result[k] = float(hits.double().mean().item() * 100.0)
+        labels = memory_labels[neighbours.ids[:, :k]]
+        result[int(k)] = float((labels == query_labels[:, None]).any(1).double().mean().item() * 100.0)
     return result
+
+
+def topk_accuracy(memory, memory_labels, queries, query_labels, ks: Sequence[int] = (1, 3),
+                  backend: str = "auto") -> Dict[int, float]:
+    """Top-k retrieval accuracy (percent) of ``queries`` against ``memory`` by cosine similarity.
+
+    Args:
+        memory: float ``[N, D]`` memory-bank embeddings (torch or numpy; need not be normalised).
+        memory_labels: integer ``[N]`` classes of the memory bank.
+        queries: float ``[Q, D]`` query embeddings.
+        query_labels: integer ``[Q]`` classes of the queries.
+        ks: the k values to report; k larger than ``N`` counts the whole memory bank.
+        backend: see ``nearest_neighbours``.
+
+    Returns:
+        ``{k: accuracy}`` with Python floats in ``[0, 100]`` (never numpy scalars: fairseq pickles logged
+        metrics into checkpoints, and a numpy scalar there breaks resuming with a safe load).
+    """
+    resolve_backend(backend)
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    memory, memory_labels, queries, query_labels = _check_inputs(memory, memory_labels, queries, query_labels)
+    neighbours = nearest_neighbours(memory, queries, max(ks), backend=backend)
+    return topk_hits(neighbours, memory_labels, query_labels, ks)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .image_preprocess import preprocess_protocol
+
 
 class RetrievalDataError(ValueError):
     """An evaluation data set that is missing or malformed, with a message saying what was expected."""
@@ -26,12 +28,17 @@ class RetrievalSet:
         train_labels: int64 ``[N]`` class indices.
         test_images: uint8 ``[M, 3, H, W]`` (same ``H, W`` as the train split is not required).
         test_labels: int64 ``[M]`` class indices, in the same class numbering as ``train_labels``.
+        source: where the images came from and what was done to them before they were stored here (for the
+            evaluation protocol record).
     """
+
+    modality = "image"  # what ``protocol`` describes; a text or audio set brings its own class
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    source: str = ""
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -57,3 +64,19 @@ class RetrievalSet:
     @property
     def num_test(self) -> int:
         return len(self.test_labels)
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+    def protocol(self, input_size: int) -> dict:
+        """The data side of an evaluation protocol record: splits, sizes, source and how images reach an
+        encoder of ``input_size`` (resize, normalisation). JSON-ready."""
+        train_hw, test_hw = tuple(self.train_images.shape[-2:]), tuple(self.test_images.shape[-2:])
+        record = {"modality": self.modality, "source": self.source,
+                  "memory_split": "train", "memory_size": self.num_train,
+                  "query_split": "test", "query_size": self.num_test, "num_classes": self.num_classes}
+        record.update(preprocess_protocol(train_hw, input_size))
+        if test_hw != train_hw:
+            record["test_resize_from"] = list(test_hw)
+        return record

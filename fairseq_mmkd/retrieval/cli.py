@@ -1,0 +1,179 @@
+"""What the evaluation command lines share: their arguments, loading a checkpoint as a frozen feature function,
+reading the labelled sets, and writing JSON results.
+
+Used by ``python -m fairseq_mmkd.retrieval`` and ``python -m fairseq_mmkd.probe``. The checkpoint loaders are
+imported inside ``load_encoder``, so this module (like the rest of the package) imports nothing of fairseq.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from .cifar import load_cifar
+from .evaluate import POOLINGS
+from .image_folder import folder_set_name, load_image_folder_pair
+from .sets import RetrievalSet
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+DATA_HINT = "get CIFAR with `python scripts/prepare_data.py --cifar DIR`"
+
+
+class UsageError(Exception):
+    """A combination of arguments that cannot work, reported as one line."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def negative_int(text: str) -> int:
+    value = int(text)
+    if value > -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (the last block) or -k (the k-th from last), got {value}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_pooling: str = "cls") -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    p.add_argument("--teacher", action="store_true",
+                   help="the checkpoint is a data2vec 2.0 model (data2vec_multi), not a student of this plugin")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="teacher only: online weights or the EMA teacher stored in the checkpoint")
+    p.add_argument("--pooling", choices=("auto",) + POOLINGS, default=default_pooling,
+                   help="embedding: the CLS token, the mean of the patch tokens, both concatenated, or auto "
+                        "(cls when the model has a CLS token, else mean)")
+    p.add_argument("--layer", type=negative_int, default=-1,
+                   help="block whose output is embedded: -1 the last (default), -k the k-th from last")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cifar10", metavar="DIR", help="directory holding cifar-10-batches-py/")
+    p.add_argument("--cifar100", metavar="DIR", help="directory holding cifar-100-python/")
+    p.add_argument("--folder", "--custom", dest="folder", metavar="DIR",
+                   help="labelled image folders DIR/train/<class>/*, DIR/test/<class>/*")
+    p.add_argument("--folder-name", "--custom-name", dest="folder_name",
+                   help="metric prefix of the --folder set (default: the folder's name, as task.retrieval_folder)")
+    p.add_argument("--folder-size", "--custom-size", dest="folder_size", type=positive_int, default=224,
+                   help="square size the --folder images are stored at after decoding")
+    p.add_argument("--limit", type=positive_int, help="use only the first N images of each split (quick checks)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype; default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--json", metavar="OUT", help="also write the results and their protocol to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_sets(args) -> Dict[str, RetrievalSet]:
+    """The sets named on the command line, read into memory (before any model is loaded)."""
+    from .evaluate import SET_NAME
+
+    if not (args.cifar10 or args.cifar100 or args.folder):
+        raise UsageError(f"pass at least one of --cifar10 DIR, --cifar100 DIR (or --folder DIR); {DATA_HINT}")
+    folder_name = None
+    if args.folder:
+        folder_name = args.folder_name or folder_set_name(args.folder)
+        if not SET_NAME.fullmatch(folder_name):
+            raise UsageError(f"--folder-name {folder_name!r} prefixes metric names: use letters, digits, '_' or '-'")
+        if folder_name in ("cifar10", "cifar100") and getattr(args, folder_name):
+            raise UsageError(f"--folder would be named {folder_name!r} like the CIFAR set; pass --folder-name NAME")
+    sets = {}
+    if args.cifar10:
+        sets["cifar10"] = load_cifar(args.cifar10, "cifar10", limit=args.limit)
+    if args.cifar100:
+        sets["cifar100"] = load_cifar(args.cifar100, "cifar100", limit=args.limit)
+    if args.folder:
+        sets[folder_name] = load_image_folder_pair(args.folder, image_size=args.folder_size, limit=args.limit)
+    return sets
+
+
+def resolve_device(args) -> tuple:
+    """(device, dtype name) from ``--device`` and ``--dtype``."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but PyTorch sees no CUDA device; use --device cpu")
+    return device, args.dtype or ("bfloat16" if device == "cuda" else "float32")
+
+
+@dataclass
+class Encoder:
+    """A checkpoint's encoder as evaluation sees it."""
+
+    feature_fn: Callable[[torch.Tensor], torch.Tensor]  # normalised images -> [B, T, D] tokens of the chosen block
+    input_size: int
+    num_extra_tokens: int
+    depth: int  # blocks after the shared encoder (the teacher's shared blocks or the student's)
+    model: str  # "teacher" or "student"
+    weights: str  # "model" / "ema" (teacher) or "student"
+    final_norm: bool  # whether a final LayerNorm follows the chosen block (pre-LN models)
+
+    def describe(self, layer: int) -> dict:
+        return {"model": self.model, "blocks": self.depth, "block": self.depth + layer + 1,
+                "final_norm": self.final_norm}
+
+
+def load_encoder(args, device) -> Encoder:
+    """The checkpoint as a frozen, eval-mode feature function of block ``args.layer``."""
+    from ..distill import block_features, block_index
+
+    if args.teacher:
+        from ..checkpoint import load_d2v_image
+        model = load_d2v_image(args.checkpoint, weights=args.weights, device=device,
+                               trust_checkpoint=args.trust_checkpoint)
+
+        def feature_fn(x):  # at layer -1 the same as model(x)["x"]
+            return block_features(model.blocks, model.encoder(x), args.layer, model.norm)
+
+        encoder = Encoder(feature_fn, model.cfg.encoder.input_size, model.num_extra_tokens, len(model.blocks),
+                          "teacher", args.weights, model.norm is not None)
+    else:
+        from ..kd_model import load_student  # imported here: the teacher path does not need the KD model
+        model = load_student(args.checkpoint, device=device, trust_checkpoint=args.trust_checkpoint)
+        model.eval()
+        blocks = model.distiller.student_blocks
+        encoder = Encoder(partial(model.forward_features, layer=args.layer), model.input_size,
+                          model.num_extra_tokens, len(blocks), "student", "student",
+                          model.distiller.student_norm is not None)
+    try:
+        block_index(args.layer, encoder.depth)
+    except ValueError as e:
+        raise UsageError(f"--layer {args.layer}: the {encoder.model} has {encoder.depth} blocks ({e})") from None
+    return encoder
+
+
+def resolve_pooling(pooling: str, encoder: Encoder, checkpoint) -> str:
+    if pooling == "auto":
+        return "cls" if encoder.num_extra_tokens > 0 else "mean"
+    if pooling in ("cls", "cls+mean") and encoder.num_extra_tokens < 1:
+        raise UsageError(f"{checkpoint}: the model has no extra (CLS) token; use --pooling mean")
+    return pooling
+
+
+def write_json(path, result: dict) -> Path:
+    """Write ``result`` to ``path`` atomically (a reader never sees half a file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
