@@ -166,3 +166,38 @@ def test_ema_teacher_requested_from_a_file_without_ema(tmp_path, tiny_teacher, p
     with pytest.raises(CheckpointError, match=r"has no EMA weights \('_ema'\); use .*teacher_weights=model"):
         build_model(photo_folder, teacher_checkpoint=str(no_ema), teacher_weights="ema", student_depth=2)
     build_model(photo_folder, teacher_checkpoint=str(no_ema), teacher_weights="model", student_depth=2)  # the fix
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(knn_k=-1), "task.knn_k=-1: use the number of neighbours that vote (DINO: 20), or 0 for no k-NN metrics"),
+    (dict(knn_temperature=0.0), "task.knn_temperature=0.0 must be positive (DINO: 0.07)"),
+    (dict(retrieval_layer=1), "task.retrieval_layer=1: use -1 for the last block or -k for the k-th from last"),
+])
+def test_bad_knn_or_layer_settings_stop_before_the_teacher_loads(photo_folder, fields, message):
+    from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+
+    with pytest.raises(ValueError) as info:
+        D2vKDTask.setup_task(D2vKDTaskConfig(data=str(photo_folder), retrieval=False, **fields))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("fields, teacher_fields, message", [
+    (dict(retrieval_layer=-3), {}, "task.retrieval_layer=-3, but the student has 2 blocks; use a layer between -2 "
+                                   "and -1"),
+    (dict(retrieval_layer=-5), {"student_depth": 6}, "task.retrieval_layer=-5, but the teacher has 4 blocks"),
+    (dict(retrieval_pooling="cls+mean"), {"num_extra_tokens": 0}, "has no extra (CLS) token; use "
+                                                                   "task.retrieval_pooling=mean"),
+])
+def test_retrieval_settings_the_model_cannot_serve_stop_before_training(tmp_path, photo_folder, tiny_cifar, fields,
+                                                                        teacher_fields, message):
+    from fairseq_mmkd.kd_model import D2vKDModelConfig
+    from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+
+    student_depth = teacher_fields.pop("student_depth", 2)
+    teacher = make_teacher(tmp_path / "teacher.pt", **teacher_fields)
+    task = D2vKDTask.setup_task(D2vKDTaskConfig(data=str(photo_folder), cifar10_root=str(tiny_cifar), **fields))
+    cfg = OmegaConf.structured(D2vKDModelConfig(_name="d2v_kd", teacher_checkpoint=str(teacher),
+                                                student_depth=student_depth, student_init="random"))
+    with pytest.raises(ValueError) as info:
+        task.build_model(cfg)
+    assert message in str(info.value)

@@ -1,12 +1,18 @@
 """Distillation as users run it: real ``fairseq-hydra-train`` runs on a tiny teacher and image folder."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
 from conftest import REPO, hydra_train, json_log_lines
+
+# Evaluation choices of the retrieval run: every one off its default, so the run shows they reach the task
+# (the defaults run in the demo and the distributed test). Hydra takes "cls+mean" as a plain value.
+EVAL_CHOICES = ["task.retrieval_pooling=cls+mean", "task.retrieval_layer=-2", "task.retrieval_standardize=true",
+                "task.knn_k=10", "task.knn_temperature=0.1"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -22,9 +28,10 @@ def data_args(teacher, photos, cifar=None):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
-    """One 50-update run from a random student, validated by retrieval."""
+    """One 50-update run from a random student, validated by retrieval and k-NN."""
     save = tmp_path_factory.mktemp("run") / "ckpt"
-    proc = hydra_train(save, *data_args(tiny_teacher, photo_folder, tiny_cifar), "model.student_init=random")
+    proc = hydra_train(save, *data_args(tiny_teacher, photo_folder, tiny_cifar), "model.student_init=random",
+                       *EVAL_CHOICES)
     return save, proc.stdout + proc.stderr
 
 
@@ -43,6 +50,7 @@ def test_retrieval_metrics_reach_the_valid_log_and_pick_the_best_checkpoint(trai
     valid = json_log_lines(log, "valid")
     assert valid, log[-3000:]
     names = [f"cifar{n}_{inv}top{k}" for n in (10, 100) for inv in ("", "inv_") for k in (1, 3)]
+    names += [f"cifar{n}_knn10{vote}" for n in (10, 100) for vote in ("", "_uniform")]
     for name in names:
         assert 0.0 <= float(valid[-1][f"valid_{name}"]) <= 100.0
         assert f"valid_teacher_{name}" in valid[-1]
@@ -51,6 +59,59 @@ def test_retrieval_metrics_reach_the_valid_log_and_pick_the_best_checkpoint(trai
     assert best["cfg"]["checkpoint"]["best_checkpoint_metric"] == "cifar100_top1"
     scores = [float(v["valid_cifar100_top1"]) for v in valid]
     assert best["extra_state"]["best"] == pytest.approx(max(scores), abs=0.01)
+
+
+def test_eval_protocol_json_records_the_run_and_reproduces_its_numbers(trained, tiny_teacher, tiny_cifar, tmp_path):
+    """SAVE_DIR/eval_protocol.json says how the valid metrics were computed; the standalone evaluator, given
+    those settings, recomputes the last validation's student and teacher metrics from checkpoint_last.pt."""
+    from fairseq_mmkd.retrieval.__main__ import main as retrieval_main
+
+    save, log = trained
+    record = json.loads((save / "eval_protocol.json").read_text())
+    assert record["written_at_update"] == 25  # the first validation
+    student, teacher = record["student"], record["teacher"]
+    for p in (student, teacher):
+        assert (p["pooling"], p["layer"], p["standardize"], p["knn_k"], p["knn_temperature"]) == \
+            ("cls+mean", -2, True, 10, 0.1)
+        assert (p["dtype"], p["device"], p["input_size"]) == ("float32", "cpu", 32)
+        assert [(s["memory_size"], s["query_size"]) for s in p["sets"].values()] == [(40, 20), (100, 50)]
+        assert p["sets"]["cifar10"]["resize_method"] == "none"  # tiny teacher: 32 px input, CIFAR's own size
+    assert (student["weights"], student["blocks"], student["block"]) == ("student", 2, 1)
+    assert (teacher["weights"], teacher["blocks"], teacher["block"]) == ("model", 4, 3)
+
+    last = json_log_lines(log, "valid")[-1]
+    assert int(last["valid_num_updates"]) == 50
+    for who, checkpoint, extra in (("student", save / "checkpoint_last.pt", []),
+                                   ("teacher", tiny_teacher, ["--teacher", "--weights", teacher["weights"]])):
+        p = record[who]
+        out = tmp_path / f"{who}.json"
+        assert retrieval_main(["--checkpoint", str(checkpoint), *extra, "--cifar10", str(tiny_cifar), "--cifar100",
+                               str(tiny_cifar), "--pooling", p["pooling"], "--layer", str(p["layer"]),
+                               "--standardize", "--knn-k", str(p["knn_k"]), "--knn-temperature",
+                               str(p["knn_temperature"]), "--device", "cpu", "--json", str(out),
+                               "--no-progress"]) == 0
+        result = json.loads(out.read_text())
+        assert {k: v for k, v in result["protocol"].items() if k not in ("checkpoint", "final_norm")} == \
+            {k: v for k, v in p.items() if k != "final_norm"} | {"sets": result["protocol"]["sets"]}
+        prefix = "valid_" if who == "student" else "valid_teacher_"
+        names = [k[len(prefix):] for k in last if k.startswith(prefix) and k[len(prefix):] in result]
+        assert len(names) == 12, names  # 2 sets x (top1, top3, inv_top1, inv_top3, knn10, knn10_uniform)
+        for name in names:  # the log rounds to 2 decimals
+            assert float(last[prefix + name]) == pytest.approx(result[name], abs=0.0051), (who, name)
+
+
+def test_linear_probe_runs_on_the_trained_student(trained, tiny_cifar, tmp_path):
+    from fairseq_mmkd.probe import main as probe_main
+
+    save, _ = trained
+    out = tmp_path / "probe.json"
+    assert probe_main(["--checkpoint", str(save / "checkpoint_last.pt"), "--cifar10", str(tiny_cifar), "--layer",
+                       "-2", "--pooling", "cls+mean", "--device", "cpu", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["cifar10_linear_top1"] <= 100.0
+    p = result["protocol"]
+    assert (p["model"], p["weights"], p["blocks"], p["block"], p["pooling"]) == ("student", "student", 2, 1, "cls+mean")
+    assert result["cifar10_probe"]["feature_dim"] == 64
 
 
 def test_student_checkpoint_excludes_teacher_blocks(trained, tiny_teacher):

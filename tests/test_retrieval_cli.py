@@ -158,3 +158,53 @@ def test_scripts_show_help(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def deeper_teacher(tmp_path_factory):
+    """Two blocks, input size 48: CIFAR's 32 px images are resized (what the protocol must say)."""
+    torch.manual_seed(1)
+    model = D2vModel(D2vConfig(embed_dim=32, depth=2, num_heads=4, encoder=ImageEncoderConfig(
+        input_size=48, patch_size=8, embed_dim=32, prenet_depth=0, num_extra_tokens=1))).eval()
+    path = tmp_path_factory.mktemp("deeper") / "teacher48.pt"
+    save_d2v_checkpoint(model, path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--pooling", "mean", "--layer", "-2", "--standardize", "--knn-k", "5",
+                                        "--knn-temperature", "0.1", "--limit", "12"]],
+                         ids=["defaults", "every_choice"])
+def test_json_protocol_records_what_ran_and_reproduces_the_numbers(deeper_teacher, data_root, tmp_path, extra):
+    from fairseq_mmkd import load_d2v_image
+    from fairseq_mmkd.distill import block_features
+    from fairseq_mmkd.retrieval import evaluate_retrieval, load_cifar
+
+    out = tmp_path / "r.json"
+    assert main(["--checkpoint", str(deeper_teacher), "--teacher", "--cifar10", str(data_root), "--json", str(out),
+                 "--device", "cpu", "--no-progress", "--backend", "torch", *extra]) == 0
+    result = json.loads(out.read_text())
+    p = result["protocol"]
+    limit = 12 if extra else None
+    expected = dict(pooling="mean", layer=-2, standardize=True, knn_k=5, knn_temperature=0.1) if extra else \
+        dict(pooling="cls", layer=-1, standardize=False, knn_k=20, knn_temperature=0.07)
+    assert {k: p[k] for k in expected} == expected
+    assert p["knn_weighting"].keys() == {f"knn{expected['knn_k']}", f"knn{expected['knn_k']}_uniform"}
+    assert (p["model"], p["weights"], p["blocks"], p["block"]) == ("teacher", "model", 2, 3 + expected["layer"])
+    assert (p["dtype"], p["device"], p["input_size"], p["search"]) == ("float32", "cpu", 48, "exact (torch)")
+    s = p["sets"]["cifar10"]
+    assert (s["memory_split"], s["memory_size"], s["query_split"], s["query_size"]) == \
+        ("train", limit or 20, "test", min(limit or 9, 9))
+    assert (s["resize_method"], s["resize_from"], s["resize_to"], s["resize_antialias"]) == \
+        ("bicubic", [32, 32], [48, 48], False)
+    assert s["normalization_std"] == [0.229, 0.224, 0.225] and "CIFAR-10 python pickles" in s["source"]
+
+    # Everything needed to recompute the numbers is in the record.
+    model = load_d2v_image(deeper_teacher, weights=p["weights"])
+    again = evaluate_retrieval(lambda x: block_features(model.blocks, model.encoder(x), p["layer"], model.norm),
+                               {"cifar10": load_cifar(data_root, "cifar10", limit=limit)},
+                               input_size=p["input_size"], num_extra_tokens=p["num_extra_tokens"],
+                               pooling=p["pooling"], ks=p["retrieval_ks"], knn_k=p["knn_k"],
+                               knn_temperature=p["knn_temperature"], standardize=p["standardize"], device="cpu",
+                               backend="torch", progress=False)
+    assert again == {k: result[k] for k in again}
+    assert f"cifar10_knn{expected['knn_k']}_uniform" in again
