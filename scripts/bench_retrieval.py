@@ -13,6 +13,10 @@ Search: ``topk_accuracy`` with faiss and with torch, against a naive per-query P
 product and a full argsort per query). The naive loop is timed on ``--naive-queries`` queries and
 extrapolated linearly to all queries (it is linear in the number of queries). Every ratio is against a
 baseline measured in the same run.
+
+k-NN: what the k-NN metrics add to a validation's train -> test step. Retrieval alone (one search for
+top-3, as before k-NN existed) against retrieval + kNN-``--knn-k`` from the same search (one search for
+max(3, k) neighbours, then both votes), and against a separate second search for the k-NN neighbours.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--embed-dim", type=int, default=192, help="model width")
     p.add_argument("--depth", type=int, default=4, help="shared transformer blocks")
     p.add_argument("--heads", type=int, default=3, help="attention heads")
+    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN benchmark (0: skip it)")
+    p.add_argument("--repeats", type=int, default=3, help="k-NN benchmark: fastest of this many interleaved runs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
 
@@ -149,6 +155,58 @@ def bench_search(args, device, sync):
         print("  faiss: not importable, skipped")
 
 
+def synthetic_bank(args, device):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(args.classes, args.dim, generator=gen)
+    memory_labels = torch.randint(0, args.classes, (args.memory,), generator=gen)
+    query_labels = torch.randint(0, args.classes, (args.queries,), generator=gen)
+    memory = centers[memory_labels] + 3.0 * torch.randn(args.memory, args.dim, generator=gen)
+    queries = centers[query_labels] + 3.0 * torch.randn(args.queries, args.dim, generator=gen)
+    return tuple(t.to(device) for t in (memory, memory_labels, queries, query_labels))
+
+
+def bench_knn(args, device, sync):
+    from fairseq_mmkd.retrieval import faiss_available, knn_accuracy, nearest_neighbours
+    from fairseq_mmkd.retrieval.search import topk_hits
+
+    memory, memory_labels, queries, query_labels = synthetic_bank(args, device)
+    k, ks = args.knn_k, (1, 3)
+    print(f"\n[knn] memory N={args.memory:,} x queries Q={args.queries:,} x D={args.dim}: the train -> test step of "
+          f"one set, retrieval top-{ks} vs retrieval + kNN-{k} (weighted and uniform votes)")
+
+    def retrieval_only(backend):
+        return topk_hits(nearest_neighbours(memory, queries, max(ks), backend), memory_labels, query_labels, ks)
+
+    def shared(backend):  # what evaluate_retrieval does: one search for max(3, k) neighbours
+        nb = nearest_neighbours(memory, queries, max(max(ks), k), backend)
+        return topk_hits(nb, memory_labels, query_labels, ks), knn_accuracy(nb, memory_labels, query_labels, k)
+
+    def two_searches(backend):  # the obvious alternative: a second search for the k-NN neighbours
+        hits = retrieval_only(backend)
+        return hits, knn_accuracy(nearest_neighbours(memory, queries, k, backend), memory_labels, query_labels, k)
+
+    for backend in ["torch"] + (["faiss"] if faiss_available() else []):
+        variants = (("retrieval", retrieval_only), ("shared", shared), ("two", two_searches))
+        times = {name: float("inf") for name, _ in variants}
+        retrieval_only(backend)  # warm-up (first-call costs of faiss and torch)
+        for _ in range(max(1, args.repeats)):  # interleaved, fastest kept: other jobs only ever slow a run down
+            for name, fn in variants:
+                result, seconds = timed(lambda: fn(backend), sync)
+                times[name] = min(times[name], seconds)
+                if name == "shared":
+                    knn = result[1]
+        nb = nearest_neighbours(memory, queries, max(max(ks), k), backend)
+        votes = min(timed(lambda: knn_accuracy(nb, memory_labels, query_labels, k), sync)[1]
+                    for _ in range(max(1, args.repeats)))
+        added = times["shared"] / times["retrieval"] - 1
+        print(f"  {backend:>5}: retrieval alone {times['retrieval']:7.2f} s | + kNN-{k} from the same search "
+              f"{times['shared']:7.2f} s ({added:+.1%}; the two votes alone {votes * 1000:.1f} ms) | + kNN-{k} with a "
+              f"second search {times['two']:7.2f} s (x{times['two'] / times['shared']:.2f} the shared step)   "
+              f"kNN-{k} {knn['weighted']:.2f}% weighted, {knn['uniform']:.2f}% uniform")
+
+
 def _faiss_gpus() -> int:
     from fairseq_mmkd.retrieval.search import _faiss
 
@@ -169,6 +227,8 @@ def main(argv=None) -> int:
     if args.images > 0:
         bench_embedding(args, device, sync)
     bench_search(args, device, sync)
+    if args.knn_k > 0:
+        bench_knn(args, device, sync)
     return 0
 
 

@@ -91,8 +91,7 @@ def test_eval_protocol_json_records_the_run_and_reproduces_its_numbers(trained, 
                                str(p["knn_temperature"]), "--device", "cpu", "--json", str(out),
                                "--no-progress"]) == 0
         result = json.loads(out.read_text())
-        assert {k: v for k, v in result["protocol"].items() if k not in ("checkpoint", "final_norm")} == \
-            {k: v for k, v in p.items() if k != "final_norm"} | {"sets": result["protocol"]["sets"]}
+        assert {k: v for k, v in result["protocol"].items() if k != "checkpoint"} == p
         prefix = "valid_" if who == "student" else "valid_teacher_"
         names = [k[len(prefix):] for k in last if k.startswith(prefix) and k[len(prefix):] in result]
         assert len(names) == 12, names  # 2 sets x (top1, top3, inv_top1, inv_top3, knn10, knn10_uniform)

@@ -94,6 +94,13 @@ def test_custom_image_folder_set_is_named_by_the_user(teacher_checkpoint, tmp_pa
     result = json.loads(out.read_text())
     assert (result["photos_train_images"], result["photos_test_images"]) == (8, 4)
     assert set(metric_names("photos")) <= set(result)
+    s = result["protocol"]["sets"]["photos"]
+    assert (s["memory_size"], s["query_size"], s["num_classes"]) == (8, 4, 2)
+    assert "ImageOps.fit" in s["source"] and "32x32" in s["source"] and s["resize_method"] == "none"
+    # --folder (the probe's spelling) names the set after the folder, as task.retrieval_folder does
+    assert main(["--checkpoint", str(teacher_checkpoint), "--teacher", "--folder", str(tmp_path / "photos"),
+                 "--folder-size", "32", "--knn-k", "3", "--json", str(out), "--no-progress"]) == 0
+    assert set(metric_names("photos", knn_k=3)) <= set(json.loads(out.read_text()))
 
 
 def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
@@ -208,3 +215,12 @@ def test_json_protocol_records_what_ran_and_reproduces_the_numbers(deeper_teache
                                backend="torch", progress=False)
     assert again == {k: result[k] for k in again}
     assert f"cifar10_knn{expected['knn_k']}_uniform" in again
+
+
+def test_retrieval_benchmark_runs_at_tiny_size_and_times_knn():
+    proc = subprocess.run([sys.executable, "scripts/bench_retrieval.py", "--memory", "300", "--queries", "60",
+                           "--dim", "16", "--classes", "5", "--images", "0", "--naive-queries", "10", "--repeats", "1",
+                           "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    knn = [line for line in proc.stdout.splitlines() if "kNN-20 from the same search" in line]
+    assert knn and knn[0].strip().startswith("torch:") and "the two votes alone" in knn[0], proc.stdout
