@@ -11,7 +11,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+# The plugin next to this README, not whichever copy the environment has installed (a git worktree shares
+# its virtual environment's editable install with the main checkout).
+sys.path.insert(0, str(REPO))
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 

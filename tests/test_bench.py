@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = ("fairseq", "faiss", "omegaconf", "hydra")
 CORE_MODULES = ("fairseq_mmkd.d2v_model", "fairseq_mmkd.layers", "fairseq_mmkd.distill", "fairseq_mmkd.kd_loss",
-                "fairseq_mmkd.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search")
+                "fairseq_mmkd.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search",
+                "fairseq_mmkd.retrieval.knn", "fairseq_mmkd.retrieval.linear")
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess  # noqa: F401  (re-exported)
