@@ -47,13 +47,14 @@ def test_head_matches_scikit_learn_on_the_same_features(digit_features, l2):
 
 def test_probe_picks_l2_on_held_out_train_like_scikit_learn_and_is_deterministic(digit_features):
     train_x, train_y, test_x, test_y = digit_features
+    train_x, train_y = train_x[:600], train_y[:600]  # a smaller train split keeps the 10 fits quick
     grid = L2_GRID[:4]
     result = linear_probe(train_x, train_y, test_x, test_y, l2_grid=grid, seed=3)
     assert set(result.held_out_top1) == set(grid) and result.l2 in grid
     assert result.held_out_top1[result.l2] == max(result.held_out_top1.values())
     # the same selection with scikit-learn: same split, same grid, refit on all of train
     fit, held = held_out_split(len(train_x), 0.1, seed=3)
-    assert len(held) == 100 and not set(fit.tolist()) & set(held.tolist())
+    assert len(held) == 60 and not set(fit.tolist()) & set(held.tolist())
     sk_scores = {l2: sklearn_head(train_x[fit], train_y[fit], l2).score(train_x[held].numpy(), train_y[held].numpy())
                  for l2 in grid}
     sk_best = max(grid, key=lambda v: (sk_scores[v], v))
