@@ -295,8 +295,10 @@ def make_loss_fn(distiller: Distiller, variant: str, device: torch.device, low: 
     return whole_forward if variant == "eager_forward" else split
 
 
-def manual_softmax_attention(self, x):
-    """The naive baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses)."""
+def manual_softmax_attention(self, x, attn_mask=None):
+    """The naive baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses). Images only:
+    the baseline has no padding or bias."""
+    assert attn_mask is None, "the naive baseline attention handles unmasked image batches only"
     B, N, C = x.shape
     h = self.num_heads
     q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
