@@ -264,7 +264,20 @@ def load_d2v(path, weights: str = "model", device="cpu", trust_checkpoint: bool 
     model.checkpoint_path = str(path)
     model.weights = weights
     model.fairseq_model_cfg = model_cfg
+    model.fairseq_task_cfg = _task_cfg(state)
     return model.to(device)
+
+
+def _task_cfg(state: dict) -> dict:
+    """The checkpoint's ``cfg.task`` as a plain dict (``{}`` when absent): e.g. audio's ``normalize``."""
+    task = (state.get("cfg") or {}).get("task") if isinstance(state.get("cfg"), dict) else None
+    if task is not None and not isinstance(task, dict):
+        try:
+            from omegaconf import OmegaConf
+            task = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
+        except Exception:
+            task = None
+    return dict(task or {})
 
 
 def load_d2v_image(path, weights: str = "model", device="cpu", trust_checkpoint: bool = False) -> D2vModel:

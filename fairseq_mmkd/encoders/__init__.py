@@ -19,6 +19,9 @@ Interface of a registered encoder class ``E``:
     ``E.online_in_ema_prefixes``: key prefixes (relative to the encoder) that a full ``_ema`` copy lacks unless
         the checkpoint's ``ema_local_encoder`` is set: data2vec2's EMA teacher runs the online ones.
     ``E.fairseq_modality_cfg(cfg) -> dict``: the ``cfg.model.modalities.<name>`` section that rebuilds it.
+    ``E.fairseq_task_cfg(cfg) -> dict``: the ``cfg.task`` section of a checkpoint written for it.
+    ``E.ema_encoder_only`` (optional, default False): its released checkpoints keep only the shared blocks in
+        ``_ema`` (data2vec2's ``ema_encoder_only``).
 """
 from __future__ import annotations
 

@@ -288,6 +288,11 @@ class AudioEncoder(nn.Module):
                 "learned_alibi_scale_per_layer": cfg.alibi_scale_per_layer, "num_alibi_heads": cfg.alibi_heads,
                 "model_depth": cfg.model_depth, "ema_local_encoder": False}
 
+    @staticmethod
+    def fairseq_task_cfg(cfg: AudioEncoderConfig) -> dict:
+        return {"_name": "audio_pretraining", "data": "", "sample_rate": 16000, "normalize": True,
+                "max_sample_size": 320000, "min_sample_size": 32000}
+
     def check_input(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         if not source.is_floating_point() or source.ndim != 2:
             raise ValueError(f"expected audio samples as a float tensor [B, L] (16 kHz mono), got "

@@ -136,6 +136,10 @@ class ImageEncoder(nn.Module):
                 "num_extra_tokens": cfg.num_extra_tokens, "init_extra_token_zero": False, "ema_local_encoder": True,
                 "transformer_decoder": False, "enc_dec_transformer": False}
 
+    @staticmethod
+    def fairseq_task_cfg(cfg: ImageEncoderConfig) -> dict:
+        return {"_name": "mae_image_pretraining", "data": "", "input_size": cfg.input_size, "key": "source"}
+
     def check_input(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         c, s = self.cfg.in_chans, self.cfg.input_size
         if source.ndim != 4 or tuple(source.shape[1:]) != (c, s, s):

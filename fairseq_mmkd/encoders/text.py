@@ -84,6 +84,7 @@ class TextEncoder(nn.Module):
     fairseq_name = "TEXT"
     pretraining_only_prefixes = ("decoder.",)
     online_in_ema_prefixes = ("local_encoder.",)
+    ema_encoder_only = True  # nlp_base.pt's _ema holds the shared blocks only
 
     def __init__(self, cfg: TextEncoderConfig, embed_dim: int, make_block: Callable[[], nn.Module],
                  norm_eps: float = 1e-5, norm_affine: bool = True, layer_norm_first: bool = False):
@@ -132,6 +133,13 @@ class TextEncoder(nn.Module):
                 "no_scale_embedding": not cfg.scale_embedding, "layernorm_embedding": cfg.layernorm_embedding,
                 "no_token_positional_embeddings": not cfg.positions, "prenet_depth": cfg.prenet_depth,
                 "num_extra_tokens": cfg.num_extra_tokens, "dropout": 0.0}
+
+    @staticmethod
+    def fairseq_task_cfg(cfg: TextEncoderConfig) -> dict:
+        # fairseq's TextEncoder sizes its vocabulary from task.data/dict.txt; point "data" at a folder with the
+        # dictionary to rebuild the model with fairseq itself (this plugin reads the size from the weights)
+        return {"_name": "masked_lm", "data": "", "tokens_per_sample": cfg.max_source_positions,
+                "sample_break_mode": "none", "d2v2_multi": True, "include_index": True, "skip_masking": True}
 
     def check_input(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         if source.dtype not in (torch.int64, torch.int32) or source.ndim != 2:
