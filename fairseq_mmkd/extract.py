@@ -95,7 +95,7 @@ def load_inputs(path, model) -> np.ndarray:
         raise UsageError(f"{path}: contains no {what} (batch dimension is 0)")
     if modality == "text":
         try:
-            model.encoder.check_values(torch.from_numpy(np.asarray(array, dtype=np.int64)))
+            model.encoder.check_values(torch.from_numpy(np.array(array, dtype=np.int64)))
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
     return array
