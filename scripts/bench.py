@@ -18,8 +18,8 @@ Every figure is a ratio against a baseline timed in the same run, with both abso
   (growth of the resident set over the steps, from ``/proc/self/status`` VmHWM after resetting it) is its own;
   the two processes take turns step by step, so load from other jobs on the machine hits both alike.
 * Teacher forward: ``D2vModel`` vs fairseq's own ``Data2VecMultiModel`` (built by ``tests/fairseq_reference.py``
-  from the released config at the same sizes) with identical weights: time ratio and max |difference| of the
-  last layer's output.
+  from the released image, text and audio base configs) with identical weights: time ratio and max
+  |difference| of the last layer's output; text at 512 tokens, audio on 10 s clips.
 * Retrieval: embedding images/s of 32 px uint8 images resized to 224 through ``retrieval.embed`` (batched,
   on the tensor) vs a per-image PIL transform loop, with a ViT-B-wide model of small depth; exact search of
   a 50,000 x 10,000 x 768 bank with faiss and torch (``topk_accuracy``) vs the naive per-query loop of
@@ -51,11 +51,12 @@ GIB = 2 ** 30
 QUICK = dict(embed_dim=64, heads=2, depth=2, prenet=1, student_depth=2, input_size=32, patch_size=8, batch=4,
              warmup=1, steps=2, teacher_batch=2, teacher_reps=2, embed_images=16, embed_batch=8, embed_depth=1,
              embed_input=64, memory=2000, queries=500, search_dim=64, naive_queries=50, jpegs=6, large_jpegs=1,
-             large_size="1600x1200")
+             large_size="1600x1200", text_tokens=32, text_batch=2, audio_seconds=0.5, audio_batch=1)
 DEFAULTS = dict(embed_dim=768, heads=12, depth=10, prenet=2, student_depth=6, input_size=224, patch_size=16,
                 batch=4, warmup=1, steps=3, teacher_batch=4, teacher_reps=3, embed_images=48, embed_batch=16,
                 embed_depth=1, embed_input=224, memory=50_000, queries=10_000, search_dim=768, naive_queries=100,
-                jpegs=64, large_jpegs=4, large_size="4000x3000")
+                jpegs=64, large_jpegs=4, large_size="4000x3000", text_tokens=512, text_batch=2, audio_seconds=10.0,
+                audio_batch=1)
 HELP = dict(embed_dim="model width", heads="attention heads", depth="shared teacher blocks",
             prenet="prenet blocks of the shared encoder", student_depth="student blocks",
             input_size="KD / teacher input size", patch_size="patch size", batch="KD batch size",
@@ -67,7 +68,11 @@ HELP = dict(embed_dim="model width", heads="attention heads", depth="shared teac
             memory="search memory-bank size", queries="search queries", search_dim="embedding size of the search",
             naive_queries="queries the naive search loop is timed on (then extrapolated)",
             jpegs="ImageNet-sized (500x375) JPEGs generated", large_jpegs="large JPEGs generated",
-            large_size="size of the large JPEGs, WxH")
+            large_size="size of the large JPEGs, WxH",
+            text_tokens="tokens per sequence of the text teacher forward (data2vec2 text: 512)",
+            text_batch="sequences per text teacher forward",
+            audio_seconds="clip length of the audio teacher forward (16 kHz)",
+            audio_batch="clips per audio teacher forward")
 SECTIONS = ("kd", "teacher", "retrieval", "data")
 
 
@@ -281,7 +286,27 @@ def bench_kd(args) -> dict:
 # Teacher forward vs fairseq
 # ------------------------------------------------------------------------------------------------------
 
-def bench_teacher(args) -> dict:
+def _time_pair(run_ours, run_fairseq, reps: int) -> dict:
+    """Fastest of ``reps`` alternating calls of each (load from other processes hits both alike), and the
+    largest difference of their outputs."""
+    import torch
+
+    times = {"ours": [], "fairseq": []}
+    with torch.no_grad():
+        outs = {"ours": run_ours(), "fairseq": run_fairseq()}  # warm-up, and the outputs compared
+        for _ in range(reps):
+            for name, fn in (("fairseq", run_fairseq), ("ours", run_ours)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {"ours_s": min(times["ours"]), "fairseq_s": min(times["fairseq"]),
+            "max_abs_diff": (outs["ours"] - outs["fairseq"]).abs().max().item(),
+            "out_abs_max": outs["fairseq"].abs().max().item(), "times": times}
+
+
+def _teacher_pair(modality: str, **overrides):
+    """fairseq's ``Data2VecMultiModel`` from the released base config of ``modality`` (``tests/fairseq_reference``)
+    and ``D2vModel`` with the same weights, both in eval mode."""
     import torch
     from omegaconf import OmegaConf
 
@@ -291,46 +316,63 @@ def bench_teacher(args) -> dict:
     from fairseq import tasks
     from fairseq_mmkd.d2v_model import D2vConfig, D2vModel
 
-    cfg = make_config(embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
-                      average_top_k_layers=min(10, args.depth), input_size=args.input_size,
-                      patch_size=args.patch_size, prenet_depth=args.prenet)
+    cfg = make_config(modality, **overrides)
     torch.manual_seed(0)
     fairseq_model = tasks.setup_task(cfg.task).build_model(cfg.model).eval()
-    ours = D2vModel(D2vConfig.from_fairseq(OmegaConf.to_container(cfg.model, resolve=True))).eval()
     online = {k: v for k, v in fairseq_model.state_dict().items() if k != "_ema"}
-    mapped = {k: online["modality_encoders.IMAGE." + k[len("encoder."):] if k.startswith("encoder.") else k]
-              for k in ours.state_dict()}
-    ours.load_state_dict(mapped, strict=True)
+    ours = D2vModel(D2vConfig.from_fairseq(OmegaConf.to_container(cfg.model, resolve=True), modality,
+                                           state=online)).eval()
+    prefix = f"modality_encoders.{modality.upper()}."
+    ours.load_state_dict({k: online[prefix + k[len("encoder."):] if k.startswith("encoder.") else k]
+                          for k in ours.state_dict()}, strict=True)
+    return fairseq_model, ours
 
+
+def bench_teacher(args) -> dict:
+    """Teacher forward, ours vs fairseq's, for the image, text and audio base configs (same weights)."""
+    import torch
+
+    results = {}
+    fairseq_model, ours = _teacher_pair("image", embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
+                                        average_top_k_layers=min(10, args.depth), input_size=args.input_size,
+                                        patch_size=args.patch_size, prenet_depth=args.prenet)
     images = torch.randn(args.teacher_batch, 3, args.input_size, args.input_size,
                          generator=torch.Generator().manual_seed(0))
+    results["image"] = _time_pair(
+        lambda: ours(images)["x"],
+        lambda: fairseq_model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)["x"],
+        args.teacher_reps)
+    results["image"].update(batch=args.teacher_batch, what=f"image, {args.input_size} px, D={args.embed_dim}, "
+                                                           f"{args.prenet} prenet + {args.depth} blocks")
 
-    def run_fairseq():
-        return fairseq_model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)["x"]
+    quick = dict(embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
+                 average_top_k_layers=args.depth) if args.quick else {}
+    fairseq_model, ours = _teacher_pair("text", max_source_positions=args.text_tokens, **quick)
+    tokens = torch.randint(4, 30, (args.text_batch, args.text_tokens), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    results["text"] = _time_pair(
+        lambda: ours(tokens, mask)["x"],
+        lambda: fairseq_model(tokens, mode="TEXT", padding_mask=mask, mask=False, features_only=True)["x"],
+        args.teacher_reps)
+    results["text"].update(batch=args.text_batch, what=f"text, {args.text_tokens} tokens, "
+                                                       f"D={ours.cfg.embed_dim}, {ours.cfg.depth} blocks")
 
-    def run_ours():
-        return ours(images)["x"]
+    audio_quick = dict(quick, feature_encoder_spec="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2",
+                       conv_pos_groups=2) if args.quick else {}
+    fairseq_model, ours = _teacher_pair("audio", **audio_quick)
+    samples = torch.randn(args.audio_batch, int(args.audio_seconds * 16000), generator=torch.Generator().manual_seed(0))
+    results["audio"] = _time_pair(
+        lambda: ours(samples)["x"],
+        lambda: fairseq_model(samples, mode="AUDIO", mask=False, features_only=True)["x"],
+        args.teacher_reps)
+    results["audio"].update(batch=args.audio_batch, what=f"audio, {args.audio_seconds:g} s clips at 16 kHz, "
+                                                         f"D={ours.cfg.embed_dim}, {ours.cfg.depth} blocks")
+    for name, r in results.items():
+        print(f"[teacher {name}] ours {r['ours_s']:.3f} s, fairseq {r['fairseq_s']:.3f} s per batch of {r['batch']}; "
+              f"max |diff| {r['max_abs_diff']:.2e}", flush=True)
+    return results
 
-    times = {"ours": [], "fairseq": []}
-    with torch.no_grad():
-        outs = {"ours": run_ours(), "fairseq": run_fairseq()}  # warm-up, and the outputs compared
-        for _ in range(args.teacher_reps):  # alternate, so load from other processes hits both alike
-            for name, fn in (("fairseq", run_fairseq), ("ours", run_ours)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    diff = (outs["ours"] - outs["fairseq"]).abs().max().item()
-    result = {"ours_s": min(times["ours"]), "fairseq_s": min(times["fairseq"]),
-              "max_abs_diff": diff, "out_abs_max": outs["fairseq"].abs().max().item(), "batch": args.teacher_batch,
-              "times": times}
-    print(f"[teacher] ours {result['ours_s']:.3f} s, fairseq {result['fairseq_s']:.3f} s per batch of "
-          f"{args.teacher_batch}; max |diff| {diff:.2e}", flush=True)
-    return result
-
-
-# ------------------------------------------------------------------------------------------------------
-# Retrieval: embedding and search
-# ------------------------------------------------------------------------------------------------------
 
 def bench_embedding(args) -> dict:
     import torch
@@ -524,11 +566,14 @@ def render(res: dict, args, command: str) -> str:
                      f"fp32 (both fp32 here); same first loss: {k['same_first_loss']} "
                      f"({o['losses'][0]:.6g} vs {n['losses'][0]:.6g})")
     if "teacher" in res:
-        t = res["teacher"]
-        lines.append(f"| Teacher forward vs fairseq `Data2VecMultiModel`, same weights, batch {t['batch']} | "
-                     f"{t['ours_s']:.3f} s | {t['fairseq_s']:.3f} s (fairseq) | {ratio(t['fairseq_s'], t['ours_s'])} |")
-        lines.append(f"| Teacher forward: max abs difference of the last layer output | {t['max_abs_diff']:.2e} | "
-                     f"(outputs up to {t['out_abs_max']:.2f}) | - |")
+        for name, t in res["teacher"].items():
+            lines.append(f"| Teacher forward vs fairseq `Data2VecMultiModel`, {t['what']}, same weights, batch "
+                         f"{t['batch']} | {t['ours_s']:.3f} s | {t['fairseq_s']:.3f} s (fairseq) | "
+                         f"{ratio(t['fairseq_s'], t['ours_s'])} |")
+            lines.append(f"| Teacher forward ({name}): max abs difference of the last layer output | "
+                         f"{t['max_abs_diff']:.2e} | (outputs up to {t['out_abs_max']:.2f}) | - |")
+        notes.append("Teacher forward: the image teacher calls scaled_dot_product_attention without a mask (as before "
+                     "text and audio arrived); text passes a key padding mask, audio the fp32 ALiBi bias")
     if "embedding" in res:
         e = res["embedding"]
         lines.append(f"| Retrieval embedding, 32 px uint8 -> {e['input_size']} px, D={e['embed_dim']} "
