@@ -138,6 +138,44 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def kd_config(s: dict):
+    """The teacher architecture of a KD benchmark: ViT (image), data2vec2 text base or audio base layouts."""
+    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+    from fairseq_mmkd.encoders.text import TextEncoderConfig
+    from fairseq_mmkd.targets import TargetConfig
+
+    modality = s.get("modality", "image")
+    if modality == "image":
+        return vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
+    # nlp_base.pt / base_libri.pt: post-LN, norm_eps 1e-5, no prenet, instance norm per layer, no final LN;
+    # text averages all 12 blocks, audio the top 8 of 12
+    targets = TargetConfig(average_top_k_layers=s["depth"] if modality == "text" else max(1, 2 * s["depth"] // 3),
+                           instance_norm_target_layer=True, layer_norm_targets=False)
+    if modality == "text":
+        encoder = TextEncoderConfig(vocab_size=s["vocab"], max_source_positions=s["tokens"], prenet_depth=0)
+    else:
+        encoder = AudioEncoderConfig(conv_spec=s["conv_spec"], conv_pos_groups=s["conv_pos_groups"], prenet_depth=0,
+                                     alibi_heads=s["heads"], model_depth=s["depth"])
+    return D2vConfig(modality=modality, embed_dim=s["embed_dim"], depth=s["depth"], num_heads=s["heads"],
+                     norm_eps=1e-5, encoder=encoder, targets=targets)
+
+
+def kd_batch(s: dict, generator):
+    """``(source, padding_mask)`` of one KD batch: images, 512-token blocks (no padding, but a mask, as the
+    text pipeline collates them), or audio crops (no padding: crop-to-shortest)."""
+    import torch
+
+    modality = s.get("modality", "image")
+    if modality == "image":
+        return torch.randn(s["batch"], 3, s["input_size"], s["input_size"], generator=generator), None
+    if modality == "text":
+        tokens = torch.randint(4, s["vocab"] - 1, (s["batch"], s["tokens"]), generator=generator)
+        tokens[:, 0] = 0
+        return tokens, torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.randn(s["batch"], int(s["seconds"] * 16000), generator=generator), None
+
+
 def vit_config(embed_dim, heads, depth, prenet, input_size, patch_size):
     from fairseq_mmkd.d2v_model import D2vConfig
     from fairseq_mmkd.encoders.image import ImageEncoderConfig
@@ -171,7 +209,7 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
         from fairseq_mmkd.distill import Distiller
 
         s = sizes
-        cfg = vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
+        cfg = kd_config(s)
         torch.manual_seed(0)
         teacher = D2vModel(cfg)
         if variant == "ours":
@@ -182,8 +220,8 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
             except (RuntimeError, TypeError, ValueError):
                 opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
 
-            def loss_fn(source):
-                result = distiller.loss(source, cfg.targets, include_extra_tokens=True)
+            def loss_fn(source, padding_mask):
+                result = distiller.loss(source, cfg.targets, include_extra_tokens=True, padding_mask=padding_mask)
                 return result["loss_sum"] / result["sample_size"]
         else:
             # one definition of the baseline (attention, encoder twice, teacher under autograd) for both benches
@@ -196,8 +234,8 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
             opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=False), "for-loop"
             loss_fn = make_naive_loss_fn(distiller, teacher)
 
-        def step(source):
-            loss = loss_fn(source)
+        def step(batch):
+            loss = loss_fn(*batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -205,7 +243,7 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
 
         distiller.train()
         gen = torch.Generator().manual_seed(1)
-        batches = [torch.randn(s["batch"], 3, s["input_size"], s["input_size"], generator=gen) for _ in range(2)]
+        batches = [kd_batch(s, gen) for _ in range(2)]
         before = reset_peak_rss()
         losses, times = [], []
         conn.send("ready")
@@ -265,21 +303,79 @@ def run_alternating(variants, sizes: dict, rounds: int) -> dict:
     return results
 
 
-def bench_kd(args) -> dict:
-    sizes = {k: getattr(args, k) for k in ("embed_dim", "heads", "depth", "prenet", "student_depth", "input_size",
-                                           "patch_size", "batch", "warmup", "steps")}
+def kd_sizes(args, modality: str) -> dict:
+    """The sizes of one modality's KD benchmark (image: the ViT-B flags; text and audio: their base models)."""
+    common = {k: getattr(args, k) for k in ("embed_dim", "heads", "student_depth", "warmup", "steps")}
+    if modality == "image":
+        return {"modality": "image", **common, **{k: getattr(args, k) for k in
+                                                  ("depth", "prenet", "input_size", "patch_size", "batch")}}
+    depth = args.depth if args.quick else 12  # both released models have 12 shared blocks
+    if modality == "text":
+        return {"modality": "text", **common, "depth": depth, "prenet": 0, "tokens": args.text_tokens,
+                "batch": args.text_batch, "vocab": 64 if args.quick else 50265}
+    spec = ("[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2" if args.quick else
+            "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")
+    return {"modality": "audio", **common, "depth": depth, "prenet": 0, "seconds": args.audio_seconds,
+            "batch": args.audio_batch, "conv_spec": spec, "conv_pos_groups": 2 if args.quick else 16}
+
+
+def kd_flops(s: dict, mlp_ratio: float = 4.0) -> dict:
+    """Model FLOPs of one KD update per sample, the GPU benchmark's model (``bench_gpu.flops_per_image``): teacher
+    forward (encoder + blocks) + 3 x the student's blocks (forward + backward); a multiply-add counts 2."""
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+
+    d, modality = s["embed_dim"], s["modality"]
+    if modality == "image":
+        n = (s["input_size"] // s["patch_size"]) ** 2 + 1
+        encoder = 2 * (n - 1) * 3 * s["patch_size"] ** 2 * d
+    elif modality == "text":
+        n, encoder = s["tokens"], 0  # embedding lookups
+    else:
+        audio = AudioEncoderConfig(conv_spec=s["conv_spec"])
+        length, encoder, c_in = int(s["seconds"] * 16000), 0, 1
+        for dim, kernel, stride in audio.conv_layers:
+            length = (length - kernel) // stride + 1
+            encoder += 2 * length * dim * c_in * kernel
+            c_in = dim
+        n = length
+        encoder += 2 * n * c_in * d  # projection
+        encoder += audio.conv_pos_depth * 2 * n * d * (d // s["conv_pos_groups"]) * audio.conv_pos_kernel
+    block = 2 * n * d * d * (4 + 2 * mlp_ratio) + 2 * 2 * n * n * d
+    teacher = encoder + (s["prenet"] + s["depth"]) * block
+    student = 3 * s["student_depth"] * block
+    return {"tokens": n, "gflop": (teacher + student) / 1e9}
+
+
+def measured_gpu_tflops(path: Path = REPO / "BENCHMARKS.md") -> dict:
+    """Achieved TFLOP/s of the image KD variants in BENCHMARKS.md's GPU section (``eager``, ``compile_step``)."""
+    out = {}
+    text = path.read_text() if path.exists() else ""
+    section = text.split(GPU_BEGIN, 1)[-1].split(GPU_END, 1)[0] if GPU_BEGIN in text else ""
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] in ("eager", "compile_step") and cells[0] not in out:
+            try:
+                out[cells[0]] = float(cells[4])
+            except ValueError:
+                pass
+    return out
+
+
+def bench_kd(args, modality: str = "image") -> dict:
+    sizes = kd_sizes(args, modality)
     results = run_alternating(["ours", "naive"], sizes, args.warmup + args.steps)
     for r in results.values():
         r["step_s"] = min(r["step_times"][args.warmup:])  # other jobs only ever slow a step down
-        r["images_per_s"] = args.batch / r["step_s"]
+        r["images_per_s"] = sizes["batch"] / r["step_s"]
     ours, naive = results["ours"], results["naive"]
     # the two compute the same loss from the same weights and data: a check that the baseline is a fair one
     close = abs(ours["losses"][0] - naive["losses"][0]) <= 1e-3 * max(1.0, abs(ours["losses"][0]))
-    tokens = (args.input_size // args.patch_size) ** 2 + 1
-    print(f"[kd] ours {ours['images_per_s']:.3f} images/s, peak +{ours['peak_bytes'] / GIB:.2f} GiB; naive "
-          f"{naive['images_per_s']:.3f} images/s, peak +{naive['peak_bytes'] / GIB:.2f} GiB; first losses "
+    flops = kd_flops(sizes)
+    print(f"[kd {modality}] ours {ours['images_per_s']:.3f} samples/s, peak +{ours['peak_bytes'] / GIB:.2f} GiB; naive "
+          f"{naive['images_per_s']:.3f} samples/s, peak +{naive['peak_bytes'] / GIB:.2f} GiB; first losses "
           f"{ours['losses'][0]:.6g} / {naive['losses'][0]:.6g}", flush=True)
-    return {"ours": ours, "naive": naive, "same_first_loss": close, "tokens": tokens, "sizes": sizes}
+    return {"ours": ours, "naive": naive, "same_first_loss": close, "tokens": flops["tokens"], "sizes": sizes,
+            "gflop_per_sample": flops["gflop"]}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -560,6 +656,28 @@ def render(res: dict, args, command: str) -> str:
                      f"(naive) | {ratio(o['images_per_s'], n['images_per_s'])} |")
         lines.append(f"| {what}: peak memory (RSS growth over the steps) | {o['peak_bytes'] / GIB:.2f} GiB | "
                      f"{n['peak_bytes'] / GIB:.2f} GiB (naive) | {ratio(n['peak_bytes'], o['peak_bytes'])} less |")
+        gpu = measured_gpu_tflops(Path(args.output)) or measured_gpu_tflops()
+        for name, unit in (("kd_text", "sequences/s"), ("kd_audio", "clips/s")):
+            if name not in res:
+                continue
+            r, z = res[name], res[name]["sizes"]
+            what = (f"KD update, {z['modality']} ({'conv extractor + ' if z['modality'] == 'audio' else ''}"
+                    f"{z['depth']} teacher / {z['student_depth']} student blocks)")
+            shape = (f"{z['tokens']}-token blocks" if z["modality"] == "text" else f"{z['seconds']:g} s crops "
+                     f"({r['tokens']} frames)")
+            o, n = r["ours"], r["naive"]
+            lines.append(f"| {what}, D={z['embed_dim']}, {shape}, batch {z['batch']}: throughput | "
+                         f"{o['images_per_s']:.3f} {unit} | {n['images_per_s']:.3f} {unit} (naive) | "
+                         f"{ratio(o['images_per_s'], n['images_per_s'])} |")
+            lines.append(f"| {what}: peak memory | {o['peak_bytes'] / GIB:.2f} GiB | {n['peak_bytes'] / GIB:.2f} GiB "
+                         f"(naive) | {ratio(n['peak_bytes'], o['peak_bytes'])} less |")
+            if gpu:
+                projected = ", ".join(f"{v * 1e3 / r['gflop_per_sample']:,.0f} {unit} at the image run's {k} rate "
+                                      f"({v:g} TFLOP/s)" for k, v in gpu.items())
+                notes.append(f"{what}: {r['gflop_per_sample']:.1f} GFLOP per sample by the GPU benchmark's FLOP "
+                             f"model; expected on the H200 of the GPU section: {projected} (a projection, not a "
+                             "measurement)")
+            notes.append(f"{what}: same first loss as the naive baseline: {r['same_first_loss']}")
         notes.append(f"KD: fastest of {s['steps']} timed steps after {s['warmup']} warm-up, the two processes taking "
                      f"turns (OMP_WAIT_POLICY=PASSIVE); AdamW {o['optimizer']} vs "
                      f"{n['optimizer']}; naive = encoder twice, teacher with autograd, manual-softmax attention, "
@@ -648,6 +766,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if "kd" not in args.skip:
         res["kd"] = bench_kd(args)
+        res["kd_text"] = bench_kd(args, "text")
+        res["kd_audio"] = bench_kd(args, "audio")
     if "teacher" not in args.skip:
         res["teacher"] = bench_teacher(args)
     if "retrieval" not in args.skip:

@@ -92,6 +92,8 @@ def test_cpu_bench_quick_replaces_only_its_section(tmp_path):
 
     ratio_row("KD update", "throughput", "naive")
     ratio_row("KD update", "peak memory", "naive")
+    ratio_row("KD update, text", "throughput", "sequences/s", "naive")
+    ratio_row("KD update, audio", "throughput", "clips/s", "naive")
     ratio_row("Teacher forward vs fairseq", "image")
     ratio_row("Teacher forward vs fairseq", "text")
     ratio_row("Teacher forward vs fairseq", "audio")
