@@ -134,10 +134,9 @@ def write_failed(path: str, error: OSError, size: int) -> CheckpointWriteError:
         free = "free space unknown"
     hint = {errno.EFBIG: " (a file-size limit: see ulimit -f)", errno.EDQUOT: " (your disk quota)"}.get(error.errno, "")
     msg = (f"stopping: could not write checkpoint {os.path.abspath(path)}: {error.strerror or error}{hint}. "
-           f"A checkpoint of this run takes {_size(size)} ({free}; a save writes one file and then replaces "
-           "checkpoint_last.pt/checkpoint_best.pt one at a time, so it needs room for two). The partial file "
-           "was removed; the previous checkpoint_last.pt and checkpoint_best.pt are unchanged. Free space or "
-           "pass a checkpoint.save_dir with room, then rerun the same command to resume from checkpoint_last.pt")
+           f"It needs {_size(size)}, twice that while checkpoint_last.pt/checkpoint_best.pt are replaced ({free}). "
+           "The partial file was removed and the previous checkpoints are unchanged: free space (or pass a "
+           "checkpoint.save_dir with room) and rerun the same command to resume from checkpoint_last.pt")
     logger.error(msg)
     return CheckpointWriteError(msg)
 
