@@ -2,7 +2,9 @@
 
 The numerical core (encoders, blocks, targets, checkpoint loading, retrieval) imports without fairseq, so
 it can be benchmarked and reused anywhere. When fairseq is importable, importing this package also
-registers the ``d2v_kd`` task, model and criterion (fairseq's ``--user-dir`` imports it for that).
+registers the ``d2v_kd`` task, model and criterion (fairseq's ``--user-dir`` imports it for that), with
+fairseq's import-time noise filtered out (``quiet.py``); ``python -m fairseq_mmkd.train`` is
+``fairseq-hydra-train`` with the plugin imported first.
 """
 import importlib.util
 

@@ -262,3 +262,19 @@ def test_no_space_left_while_writing_or_copying_a_checkpoint(tmp_path):
     checkpoint_utils.torch_persistent_save(state, str(previous))  # with room: written whole, no .tmp left
     assert torch.load(previous, weights_only=True)["num_updates"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2_8.pt", "checkpoint_last.pt"]
+
+
+def test_a_filesystem_without_file_locks_warns_and_trains(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from fairseq_mmkd import save_dir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="fairseq_mmkd.save_dir"):
+        assert save_dir.take_lock(str(tmp_path)) is None
+    assert "does not support file locks (No locks available); a second run started on the same " \
+           "checkpoint.save_dir would not be detected" in caplog.text
