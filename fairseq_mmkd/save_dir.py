@@ -145,6 +145,7 @@ def take_lock(save_dir: str) -> Optional[int]:
     if path in _held:
         return _held[path]
     try:
+        os.makedirs(save_dir, exist_ok=True)  # fairseq's train.py made it already; a trainer built in Python may not
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise SaveDirError(f"checkpoint.save_dir={save_dir} is not a writable folder ({type(e).__name__}: "

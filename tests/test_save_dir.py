@@ -181,7 +181,7 @@ def test_two_concurrent_starts_one_trains_and_a_start_after_it_was_killed_resume
         assert f"(pid {holder.pid} on host {socket.gethostname()}, started " in lines[0], lines[0]
         assert "Traceback" not in out
         assert "num. shared model params" not in out, "refused before the teacher was loaded"
-        wait_for(lambda: "begin training epoch" in logs[1 - refused].read_text(), 180, "the holder to train")
+        wait_for(lambda: "Saved checkpoint" in logs[1 - refused].read_text(), 180, "the holder to train and save")
         assert holder.poll() is None, "the holder trains on"
     finally:
         for p in procs:
