@@ -6,7 +6,9 @@ on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/10
 the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix).
 
 Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
-the teacher is loaded or the trainer starts.
+the teacher is loaded or the trainer starts. First of all it claims ``checkpoint.save_dir``
+(:mod:`fairseq_mmkd.save_dir`): a rerun of a finished run exits there, and a folder another live run is
+using is refused.
 """
 from __future__ import annotations
 
