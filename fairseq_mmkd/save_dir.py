@@ -24,6 +24,10 @@ Hydra writes ``hydra.run.dir`` (``SAVE_DIR/hydra`` in ``config/kd_image.yaml``) 
 plugin runs: it rewrites ``SAVE_DIR/hydra/.hydra/*.yaml`` with the launch's configuration and appends the
 launch's log lines, this decision included, to ``SAVE_DIR/hydra/hydra_train.log``. Everything else in the
 folder is untouched by a finished or refused launch.
+
+Ending the process is a ``SystemExit`` (:class:`~fairseq_mmkd.guards.EndRun`): neither fairseq nor Hydra
+catches it, so the launch ends with its one line and no traceback. In a Hydra multirun (``-m``) sweep, which
+runs its jobs in one process, that also ends the jobs after it (not tested; sweeps are not a documented use).
 """
 from __future__ import annotations
 
