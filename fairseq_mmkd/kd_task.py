@@ -6,7 +6,9 @@ on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/10
 the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix).
 
 Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
-the teacher is loaded or the trainer starts.
+the teacher is loaded or the trainer starts. First of all it claims ``checkpoint.save_dir``
+(:mod:`fairseq_mmkd.save_dir`): a rerun of a finished run exits there, and a folder another live run is
+using is refused.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import logging
 import re
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,7 +29,7 @@ from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from . import guards, image_data
+from . import guards, image_data, save_dir
 from .checkpoint import CheckpointError
 from .retrieval import evaluate_retrieval, load_cifar, load_image_folder_pair
 from .retrieval.examples import save_examples
@@ -67,7 +70,9 @@ class D2vKDTaskConfig(FairseqDataclass):
     retrieval_batch_size: int = field(default=256, metadata={"help": "images per retrieval embedding batch"})
     retrieval_teacher: bool = field(default=True, metadata={
         "help": "also evaluate the teacher once per run and log it with a teacher_ prefix"})
-    retrieval_progress: bool = field(default=False, metadata={"help": "show a progress bar while embedding"})
+    retrieval_progress: str = field(default="auto", metadata={
+        "help": "progress bar while embedding the retrieval sets: auto (only when stderr is a terminal, so never "
+                "in log files or CI), true or false"})
     retrieval_examples: int = field(default=8, metadata={
         "help": "at each validation draw this many fixed test queries of the first retrieval set with their "
                 "top-3 neighbours to SAVE_DIR/retrieval_examples.png (and one file per update); 0: off"})
@@ -156,6 +161,10 @@ class D2vKDTask(FairseqTask):
         checkpoint for inference (its data may be gone by then)."""
         if from_checkpoint:
             return cls(cfg)
+        root = save_dir.full_config(cfg)
+        if root is not None:  # a finished run exits here; a folder in use by another run is refused
+            save_dir.claim(root)
+        retrieval_progress(cfg.retrieval_progress)
         if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
             raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
         if not cfg.data:
@@ -261,7 +270,7 @@ class D2vKDTask(FairseqTask):
             feature_fn, self.retrieval_sets, input_size=model.input_size,
             num_extra_tokens=model.num_extra_tokens, pooling=self.pooling(model),
             batch_size=self.cfg.retrieval_batch_size, device=next(model.parameters()).device,
-            dtype=dtype, progress=self.cfg.retrieval_progress, on_embedded=on_embedded)
+            dtype=dtype, progress=retrieval_progress(self.cfg.retrieval_progress), on_embedded=on_embedded)
 
     def _example_writer(self, step):
         """Draws the first retrieval set's fixed queries and neighbours (rank 0 only) from embeddings the
@@ -318,6 +327,18 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def retrieval_progress(setting) -> bool:
+    """``task.retrieval_progress``: auto shows the bar only when stderr (where tqdm draws) is a terminal."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"task.retrieval_progress={setting!r}: use auto (a bar only on a terminal), true or false")
 
 
 def fit_workers(requested: int) -> int:

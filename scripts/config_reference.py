@@ -11,7 +11,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+if str(REPO) not in sys.path:  # document this checkout's plugin, not another installed copy
+    sys.path.insert(0, str(REPO))
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
