@@ -15,6 +15,7 @@ level, none by more than 4. A bigger difference would be a different crop, flip,
 """
 import io
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -270,3 +271,42 @@ def test_jpeg_end_check_tells_complete_from_truncated():
     data = buf.getvalue()
     assert device_decode.jpeg_ends_with_eoi(data) and device_decode.jpeg_ends_with_eoi(data + b"\0" * 100)
     assert not device_decode.jpeg_ends_with_eoi(data[:-200])
+
+
+def test_training_with_device_decode_through_fairseq_hydra_train(tmp_path, tiny_teacher, tiny_cifar):
+    """task.gpu_decode=true on CPU: the real trainer decodes each batch in the training process; a truncated
+    JPEG and a PNG among the files still take the workers' CPU path, and the bad file is counted. The data
+    is a list file, with validation on (fairseq's valid-subset check must not try to list it as a folder)."""
+    from conftest import hydra_train, json_log_lines
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = [_jpeg(folder / f"{i}.jpg", 60 + 7 * i, 48, seed=i) for i in range(14)]
+    paths.append(_png(folder))
+    full = open(paths[0], "rb").read()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    paths.append(str(folder / "truncated.jpg"))
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"images/{os.path.basename(p)}\n" for p in paths))
+
+    proc = hydra_train(tmp_path / "ckpt", f"task.data={listing}", f"model.teacher_checkpoint={tiny_teacher}",
+                       f"task.cifar10_root={tiny_cifar}", f"task.cifar100_root={tiny_cifar}", "task.gpu_decode=true",
+                       "task.max_bad_image_fraction=0.2", "dataset.num_workers=1", "optimization.max_update=12",
+                       "dataset.validate_interval_updates=12", "common.log_interval=4")
+    text = proc.stdout + proc.stderr
+    train, valid = json_log_lines(text, "train_inner"), json_log_lines(text, "valid")
+
+    assert "decoding training JPEGs on cpu (task.gpu_decode=true)" in text
+    assert len(train) == 3 and all(np.isfinite(float(r["loss"])) for r in train)
+    assert float(train[-1]["loss"]) < float(train[0]["loss"])
+    assert sum(float(r.get("bad_images", 0)) for r in train) >= 1  # the truncated file, counted as before
+    assert valid and "valid_cifar10_top1" in valid[-1]
+
+
+def test_gpu_decode_value_is_checked_before_training(tmp_path, tiny_teacher, photo_folder):
+    from conftest import hydra_train
+
+    proc = hydra_train(tmp_path / "ckpt", f"task.data={photo_folder}", f"model.teacher_checkpoint={tiny_teacher}",
+                       "task.retrieval=false", "task.gpu_decode=maybe", check=False)
+    assert proc.returncode != 0
+    assert "task.gpu_decode='maybe' must be auto" in proc.stdout + proc.stderr
