@@ -19,7 +19,7 @@ if importlib.util.find_spec("fairseq") is not None:
     # effect so the plugin's own command-line tools do not print DEBUG lines of every library.
     _root = logging.getLogger()
     _level, _handlers = _root.level, list(_root.handlers)
-    from . import kd_criterion, kd_model, kd_task  # noqa: F401  (registers the d2v_kd task, model, criterion)
+    from . import kd_criterion, kd_model, kd_task, optim  # noqa: F401  (registers d2v_kd and torch_adamw)
 
     _root.setLevel(_level)
     for _h in [h for h in _root.handlers if h not in _handlers]:
