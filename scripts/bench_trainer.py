@@ -11,8 +11,9 @@ plugin's ``torch_adamw`` (fused AdamW, multi-tensor norm), both measured in the 
    weights): CPU time, fastest of interleaved repetitions, and the number of tensor kernels dispatched
    (counted with a ``TorchDispatchMode``; views and detaches left out). On a GPU each kernel is a launch
    that costs the training thread ~5-10 us whatever the tensor size, so the count is what carries over.
-2. Whole updates through ``fairseq-hydra-train`` (``preset=tiny``, CPU), where per-update overhead dominates:
-   updates/s from the trainer's own log timestamps, the two optimizers taking turns.
+2. Whole updates through ``fairseq-hydra-train`` (``preset=tiny`` with a 4-block student: 48 tensors, and one
+   data worker; CPU), where per-update overhead weighs most: updates/s from the trainer's own log
+   timestamps, the two optimizers taking turns.
 """
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ def bench_fairseq(rounds: int, updates: int, warmup: int) -> dict:
                        f"model.teacher_checkpoint={teacher}", "task.retrieval=false", "dataset.disable_validation=true",
                        "checkpoint.no_save=true", f"checkpoint.save_dir={tmp / f'{kind}_{r}'}",
                        f"optimization.max_update={warmup + updates}", "common.log_interval=10",
+                       "model.student_depth=4", "dataset.num_workers=1",  # 48 student tensors; decoding off the trainer's thread
                        f"optimizer._name={kind}"] + (["+optimizer.use_old_adam=false"] if kind == "adam" else [])
                 if kind == "adam":  # fairseq's adam has no `implementation` field
                     cmd += ["~optimizer.implementation"]
@@ -153,7 +155,7 @@ def render(res: dict) -> str:
         f"fp32 values: kernels dispatched | {a['kernels']} | {t['kernels']} ({t['implementation']}) | "
         f"x{a['kernels'] / t['kernels']:.0f} fewer |",
         f"| the same: CPU time | {a['ms']:.1f} ms | {t['ms']:.1f} ms | x{a['ms'] / t['ms']:.2f} |",
-        f"| whole updates through `fairseq-hydra-train preset=tiny` (CPU, 1 thread): updates/s | "
+        f"| whole updates through `fairseq-hydra-train preset=tiny model.student_depth=4` (CPU, 1 thread): updates/s | "
         f"{f['adam']['updates_per_s']:.1f} | {f['torch_adamw']['updates_per_s']:.1f} | "
         f"x{f['torch_adamw']['updates_per_s'] / f['adam']['updates_per_s']:.2f} |", "",
         f"- fairseq `adam` kernels: {', '.join(f'{k} {v}' for k, v in a['top_kernels'].items())}; "
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=7, help="optimizer-phase repetitions per optimizer")
     p.add_argument("--depth", type=int, default=6, help="student blocks (seed: 6)")
-    p.add_argument("--rounds", type=int, default=2, help="fairseq runs per optimizer")
+    p.add_argument("--rounds", type=int, default=3, help="fairseq runs per optimizer")
     p.add_argument("--updates", type=int, default=60, help="timed updates per fairseq run")
     p.add_argument("--warmup", type=int, default=10, help="untimed updates per fairseq run")
     p.add_argument("--json", default=None)
