@@ -224,6 +224,9 @@ def _decode_all(batch: EncodedBatch, device: torch.device) -> list:
 # Crops are resized in chunks whose zero-padded float copy stays under this many elements (1 GiB): a batch of
 # ImageNet-sized crops is one chunk; a batch of large photos is split instead of allocating tens of GB.
 _RESIZE_CHUNK_ELEMENTS = 2 ** 28
+# ... and a chunk of 8 or more crops is closed before zero padding would make it cost more than this many
+# times the crops' own pixels (crops are taken smallest first, so similar sizes share a chunk).
+_PADDING_WASTE = 1.5
 
 
 def _bicubic(x: torch.Tensor) -> torch.Tensor:
@@ -267,13 +270,15 @@ def resize_crops(crops: Sequence[torch.Tensor], size: int, flips: Sequence[bool]
     out = torch.empty(len(crops), 3, size, size, dtype=torch.float32, device=device)
     order = sorted(range(len(crops)), key=lambda k: crops[k].shape[1] * crops[k].shape[2])
     while order:
-        chunk, hmax, wmax = [], 0, 0
+        chunk, hmax, wmax, area = [], 0, 0, 0
         for k in order:
             h, w = crops[k].shape[1:]
-            if chunk and (len(chunk) + 1) * 3 * max(hmax, h) * max(wmax, w) > _RESIZE_CHUNK_ELEMENTS:
+            padded_size = (len(chunk) + 1) * max(hmax, h) * max(wmax, w)
+            if chunk and (3 * padded_size > _RESIZE_CHUNK_ELEMENTS  # memory
+                          or (len(chunk) >= 8 and padded_size > _PADDING_WASTE * (area + h * w))):  # compute
                 break
             chunk.append(k)
-            hmax, wmax = max(hmax, h), max(wmax, w)
+            hmax, wmax, area = max(hmax, h), max(wmax, w), area + h * w
         order = order[len(chunk):]
         padded = torch.zeros(len(chunk), 3, hmax, wmax, dtype=torch.float32, device=device)
         for j, k in enumerate(chunk):
