@@ -19,8 +19,9 @@ fit in the remaining budget is skipped and says so):
 3. ``fairseq-hydra-train --config-dir config --config-name kd_image`` (the seed config: bf16, batch 256,
    12 data workers capped at the cores) for ``--warmup-updates`` + ``--updates`` updates; images/s from
    the trainer's own log timestamps over the updates after warm-up. Variants: ``compiled``
-   (``model.compile=true``, ``task.gpu_decode=auto``: the seed setting), ``eager`` (``model.compile=false``)
-   and ``compiled_worker_decode`` (``task.gpu_decode=false``: JPEGs decoded by the CPU workers). The first
+   (``model.compile=true``, ``task.gpu_decode=auto``: the seed setting), ``eager`` (``model.compile=false``),
+   ``compiled_worker_decode`` (``task.gpu_decode=false``: JPEGs decoded by the CPU workers) and
+   ``compiled_fairseq_adam`` (fairseq's own ``adam`` instead of the plugin's fused ``torch_adamw``). The first
    run ends with one validation round (CIFAR-sized retrieval for student and teacher), timed from the log.
 4. The data loader alone at batch 256 with the seed's workers: CPU decode + augment in the workers, and
    device decode (workers read bytes, the GPU decodes and augments).
@@ -61,11 +62,12 @@ SEED_RUN_UPDATES = 30_000
 SEED_VALIDATIONS = 30  # validate_interval_updates 1,000 over 30,000 updates
 GOAL_FRACTION = 0.90
 GOAL_SEED_RUN_MIN = 35.0
-VARIANTS = {  # name: (model.compile, task.gpu_decode)
-    "compiled": ("true", "auto"),
-    "eager": ("false", "auto"),
-    "compiled_worker_decode": ("true", "false"),
-    "eager_worker_decode": ("false", "false"),
+VARIANTS = {  # name: (model.compile, task.gpu_decode, other overrides)
+    "compiled": ("true", "auto", ()),
+    "eager": ("false", "auto", ()),
+    "compiled_worker_decode": ("true", "false", ()),
+    "compiled_fairseq_adam": ("true", "auto", ("optimizer._name=adam", "~optimizer.implementation")),
+    "eager_worker_decode": ("false", "false", ()),
 }
 
 
@@ -76,12 +78,12 @@ class Plan:
     cifar_train: int = 50_000
     cifar_test: int = 10_000
     batch: int = 256
-    warmup_updates: int = 60
-    updates: int = 240
+    warmup_updates: int = 40
+    updates: int = 200
     log_interval: int = 20
     loader_batches: int = 40
     workers: int = 12  # the seed config's dataset.num_workers
-    variants: tuple = ("compiled", "eager", "compiled_worker_decode")
+    variants: tuple = ("compiled", "eager", "compiled_worker_decode", "compiled_fairseq_adam")
     core_variants: str = "eager,compile_step"
     core_validation: bool = True
 
@@ -276,7 +278,7 @@ def fairseq_bin() -> str:
 
 def run_fairseq(args, name: str, data: dict, validate: bool, timeout: float) -> dict:
     plan = args.plan
-    compile_, decode = VARIANTS[name]
+    compile_, decode, extra = VARIANTS[name]
     if args.cpu_tiny and decode == "auto":
         decode = "true"  # auto is off on CPU: force the device path so the smoke run exercises it
     total = plan.warmup_updates + plan.updates
@@ -288,7 +290,7 @@ def run_fairseq(args, name: str, data: dict, validate: bool, timeout: float) -> 
         f"checkpoint.save_dir={save_dir}", "checkpoint.no_save=true",
         f"optimization.max_update={total}", f"lr_scheduler.max_update={SEED_RUN_UPDATES}",
         f"common.log_interval={plan.log_interval}", f"dataset.batch_size={plan.batch}",
-        f"dataset.num_workers={plan.workers}", f"model.compile={compile_}", f"task.gpu_decode={decode}",
+        f"dataset.num_workers={plan.workers}", f"model.compile={compile_}", f"task.gpu_decode={decode}", *extra,
     ]
     overrides += ([f"dataset.validate_interval_updates={total}"] if validate else ["dataset.disable_validation=true"])
     if args.cpu_tiny:  # a student shallower than the tiny teacher, so that the loss is not zero from the start
@@ -414,7 +416,8 @@ def render(res: dict) -> str:
                        f"{r.get('error', '')} |")
     for name, r in e2e.items():
         compile_, decode = r.get("model.compile"), r.get("task.gpu_decode")
-        label = f"fairseq-hydra-train `{name}` (model.compile={compile_}, task.gpu_decode={decode})"
+        label = f"fairseq-hydra-train `{name}` (model.compile={compile_}, task.gpu_decode={decode}"
+        label += "".join(f", {o}" for o in VARIANTS.get(name, ("", "", ()))[2]) + ")"
         if "error" in r:
             out.append(f"| {label} | failed: {r['error']} | | | |")
             continue
