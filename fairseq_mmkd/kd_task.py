@@ -242,7 +242,12 @@ class D2vKDTask(FairseqTask):
                 "num_replaced": sample.get("num_replaced", 0) + replaced}
 
     def use_device_decode(self) -> bool:
-        """Whether training JPEGs are decoded on the training device (``task.gpu_decode``)."""
+        """Whether training JPEGs are decoded on the training device (``task.gpu_decode``); decided once."""
+        if getattr(self, "_device_decode", None) is None:
+            self._device_decode = self._decide_device_decode()
+        return self._device_decode
+
+    def _decide_device_decode(self) -> bool:
         mode = gpu_decode_mode(self.cfg.gpu_decode)
         on_gpu = torch.cuda.is_available() and not self.cfg.cpu
         if mode == "false" or (mode == "auto" and not on_gpu):

@@ -223,6 +223,16 @@ def test_file_the_device_decoder_rejects_is_decoded_by_pil_or_replaced_and_count
     assert dev.bad_paths == {paths[0]}
 
 
+def _png_path(photos):
+    path = os.path.join(os.path.dirname(photos[0]), "extra.png")
+    _photo(90, 90, 99).save(path)
+    return path
+
+
+def _paths_of(ds):
+    return [ds.path(i) for i in range(len(ds))]
+
+
 def test_encoded_batch_survives_dataloader_workers_and_fairseqs_device_move(photos):
     from fairseq import utils
 
@@ -237,22 +247,10 @@ def test_encoded_batch_survives_dataloader_workers_and_fairseqs_device_move(phot
     assert encoded.num_encoded == len(photos) and encoded.ready_positions.tolist() == [len(photos)]
     x, _ = decode_batch(encoded, "cpu", ds.fallback_crop, dtype=torch.bfloat16)
     x32, _ = decode_batch(encoded, "cpu", ds.fallback_crop)
-    reference = torch.stack([ImageListDataset(ds_paths(ds), input_size=S, seed=1)[i]["source"] for i in range(len(ds))])
+    reference = torch.stack([ImageListDataset(_paths_of(ds), input_size=S, seed=1)[i]["source"] for i in range(len(ds))])
     assert x.dtype == torch.bfloat16 and torch.equal(x, x32.to(torch.bfloat16))  # as fairseq's bf16 cast would
     assert_within_pil_tolerance(x32[:-1], reference[:-1])
     assert torch.equal(x32[-1], reference[-1])  # the PNG: the worker's CPU crop, normalised here
-
-
-def _png_path(photos):
-    import os
-
-    path = os.path.join(os.path.dirname(photos[0]), "extra.png")
-    _photo(90, 90, 99).save(path)
-    return path
-
-
-def ds_paths(ds):
-    return [ds.path(i) for i in range(len(ds))]
 
 
 def test_eval_samples_never_take_the_device_path(photos):
