@@ -27,7 +27,9 @@ fit in the remaining budget is skipped and says so):
    device decode (workers read bytes, the GPU decodes and augments).
 
 Results: a table on stdout, ``bench_gpu_e2e.json`` and ``bench_gpu_e2e.md`` in ``$OUT`` (or the current
-folder); ``--update-benchmarks BENCHMARKS.md`` also replaces that file's end-to-end section.
+folder); ``--update-benchmarks BENCHMARKS.md`` also replaces that file's end-to-end section (on the machine
+that ran it; elsewhere ``python scripts/bench_gpu_e2e.py --paste $OUT/bench_gpu_e2e.md --update-benchmarks
+BENCHMARKS.md`` pastes a result brought back).
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="JSON path (default $OUT/bench_gpu_e2e.json or ./bench_gpu_e2e.json)")
     p.add_argument("--update-benchmarks", default=None, metavar="BENCHMARKS.md",
                    help="replace the end-to-end section of this file with the result")
+    p.add_argument("--paste", default=None, metavar="bench_gpu_e2e.md",
+                   help="only paste this result (brought back from the GPU machine) into --update-benchmarks, and exit")
     args = p.parse_args(argv)
     plan = Plan(**(TINY if args.cpu_tiny else {}))
     for f in dataclasses.fields(Plan):
@@ -492,6 +496,12 @@ def env_info(device: torch.device) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.paste:
+        if not args.update_benchmarks:
+            raise SystemExit("--paste needs --update-benchmarks BENCHMARKS.md")
+        update_benchmarks(Path(args.update_benchmarks), Path(args.paste).read_text())
+        print(f"[e2e] pasted {args.paste} into {args.update_benchmarks}")
+        return 0
     plan = args.plan
     t0 = time.perf_counter()
     remaining = lambda: args.budget_s - (time.perf_counter() - t0)  # noqa: E731

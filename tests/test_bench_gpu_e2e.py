@@ -53,3 +53,14 @@ def test_benchmarks_section_is_replaced_not_duplicated(tmp_path):
     update_benchmarks(path, "## E2E\nsecond\n")
     text = path.read_text()
     assert "first" not in text and text.count("second") == 1 and "core" in text
+
+
+def test_a_result_brought_back_is_pasted_without_running_anything(tmp_path):
+    md, path = tmp_path / "bench_gpu_e2e.md", tmp_path / "BENCHMARKS.md"
+    md.write_text("## End-to-end GPU benchmark\n\n| compiled | 4000 |\n")
+    path.write_text("# Benchmarks\n\n<!-- bench_gpu_e2e:begin -->\nNot run yet.\n<!-- bench_gpu_e2e:end -->\n")
+    proc = subprocess.run([sys.executable, "scripts/bench_gpu_e2e.py", "--paste", str(md), "--update-benchmarks",
+                           str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = path.read_text()
+    assert "| compiled | 4000 |" in text and "Not run yet" not in text
