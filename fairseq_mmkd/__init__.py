@@ -22,4 +22,4 @@ if importlib.util.find_spec("fairseq") is not None:
 
     quiet.install()
     with quiet.fairseq_import():
-        from . import kd_criterion, kd_model, kd_task  # noqa: F401  (registers the d2v_kd task, model, criterion)
+        from . import kd_criterion, kd_model, kd_task, optim  # noqa: F401  (registers d2v_kd and torch_adamw)
