@@ -19,6 +19,7 @@ setup(
         "pillow>=9",
         "tqdm>=4",
         "faiss-gpu>=1.7",
+        "soundfile>=0.12",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "timm>=0.9", "scikit-image>=0.21"]},
 )

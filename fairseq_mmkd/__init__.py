@@ -2,10 +2,11 @@
 
 The numerical core (encoders, blocks, targets, checkpoint loading, retrieval) imports without fairseq, so
 it can be benchmarked and reused anywhere. When fairseq is importable, importing this package also
-registers the ``d2v_kd`` task, model and criterion (fairseq's ``--user-dir`` imports it for that).
+registers the ``d2v_kd`` task, model and criterion (fairseq's ``--user-dir`` imports it for that), with
+fairseq's import-time noise filtered out (``quiet.py``); ``python -m fairseq_mmkd.train`` is
+``fairseq-hydra-train`` with the plugin imported first.
 """
 import importlib.util
-import logging
 
 from .checkpoint import CheckpointError, load_d2v, load_d2v_image, read_checkpoint
 from .d2v_model import D2vConfig, D2vModel
@@ -15,12 +16,10 @@ __all__ = ["CheckpointError", "D2vConfig", "D2vModel", "TargetConfig", "load_d2v
            "make_targets", "read_checkpoint"]
 
 if importlib.util.find_spec("fairseq") is not None:
-    # fairseq's text_to_speech module calls logging.basicConfig(level=DEBUG) on import; undo that side
-    # effect so the plugin's own command-line tools do not print DEBUG lines of every library.
-    _root = logging.getLogger()
-    _level, _handlers = _root.level, list(_root.handlers)
-    from . import kd_criterion, kd_model, kd_task  # noqa: F401  (registers the d2v_kd task, model, criterion)
+    # fairseq prints import-time warnings about modules this plugin does not use, and one of its modules
+    # calls logging.basicConfig(level=DEBUG) on import: both are silenced or undone here (see quiet.py).
+    from . import quiet
 
-    _root.setLevel(_level)
-    for _h in [h for h in _root.handlers if h not in _handlers]:
-        _root.removeHandler(_h)
+    quiet.install()
+    with quiet.fairseq_import():
+        from . import kd_criterion, kd_model, kd_task, optim  # noqa: F401  (registers d2v_kd and torch_adamw)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .d2v_model import D2vConfig, D2vModel
-from .encoders import get_encoder_class
+from .encoders import MODALITY_ENCODERS, get_encoder_class, modality_from_fairseq_name
 
 TRUST_HINT = ("if you trust this file, opt in with trust_checkpoint=True (CLI: --trust-checkpoint; "
               "training config: model.trust_teacher_checkpoint=true)")
@@ -97,10 +97,71 @@ def _model_cfg(state, path) -> dict:
 def describe_wrong_model(name: Optional[str]) -> str:
     hints = {
         "mae_image_classification": "a fine-tuned classifier; use the pretrained-only file (e.g. base_imagenet.pt)",
+        "data2vec_text_classification": "a fine-tuned classifier; use the pretrained-only file (e.g. nlp_base.pt)",
+        "wav2vec_ctc": "a fine-tuned speech recogniser; use the pretrained-only file (e.g. base_libri.pt)",
         "d2v_kd": "a student checkpoint of this plugin; pass the original teacher, or export the student with "
                   "`python -m fairseq_mmkd.export` first",
     }
-    return hints.get(name, "use a data2vec 2.0 pretraining checkpoint such as base_imagenet.pt")
+    return hints.get(name, "use a data2vec 2.0 pretraining checkpoint such as base_imagenet.pt, nlp_base.pt or "
+                           "base_libri.pt")
+
+
+RELEASED = {"image": "base_imagenet.pt", "text": "nlp_base.pt", "audio": "base_libri.pt"}
+
+
+def checkpoint_modalities(model_cfg: dict, model_sd: dict) -> list:
+    """The modalities (``"image"``, ``"text"``, ``"audio"``) whose encoders a data2vec_multi checkpoint holds."""
+    names = sorted({k.split(".")[1] for k in model_sd if k.startswith("modality_encoders.") and k.count(".") > 1})
+    found = [modality_from_fairseq_name(n) for n in names]
+    return [m for m in found if m is not None]
+
+
+def detect_modality(model_cfg: dict, model_sd: dict, path, modality: Optional[str] = None) -> str:
+    """Which modality encoder to build: the checkpoint's ``supported_modality``, else its only modality encoder.
+
+    ``modality`` picks one of several (a multimodal file) and must agree with a single-modality file.
+    """
+    supported = str(model_cfg.get("supported_modality") or "").split(".")[-1].upper()
+    present = checkpoint_modalities(model_cfg, model_sd)
+    declared = modality_from_fairseq_name(supported) if supported else None
+    if supported and declared is None:
+        raise CheckpointError(f"{path}: is a data2vec 2.0 model of modality {supported!r}, which this plugin has no "
+                              f"encoder for (available: {sorted(MODALITY_ENCODERS)})")
+    if modality is not None:
+        get_encoder_class(modality)  # unknown names fail with the list of known ones
+        if (declared and declared != modality) or modality not in present:
+            found = declared or (", ".join(present) if present else "no known")
+            article = "an" if modality[0] in "aeiou" else "a"
+            raise CheckpointError(f"{path}: is a data2vec 2.0 {found} model, not {article} {modality} model; pass "
+                                  f"{article} {modality} checkpoint such as {RELEASED.get(modality, 'its released file')}"
+                                  ", or load it with fairseq_mmkd.load_d2v, which detects the modality")
+        return modality
+    if declared:
+        if declared not in present:
+            raise CheckpointError(f"{path}: declares a {declared} model but holds no modality_encoders."
+                                  f"{get_encoder_class(declared).fairseq_name}.* weights; the file is damaged")
+        return declared
+    if len(present) == 1:
+        return present[0]
+    if not present:
+        raise CheckpointError(f"{path}: holds no modality encoder weights (modality_encoders.*); not a data2vec 2.0 "
+                              "pretraining checkpoint")
+    raise CheckpointError(f"{path}: is a multimodal data2vec 2.0 model ({', '.join(present)}); choose one with "
+                          f"modality=... (CLI: --modality)")
+
+
+def upgrade_alibi_scale(state: dict) -> dict:
+    """Older checkpoints store ``alibi_scale`` 4-D (``1 x H x 1 x 1``); fairseq upgrades it to 5-D on load
+    (``ModalitySpecificEncoder.upgrade_state_dict_named``), for ``_ema`` too."""
+    out = {}
+    for k, v in state.items():
+        if k == "_ema" and isinstance(v, dict):
+            out[k] = upgrade_alibi_scale(v)
+        elif k.endswith("alibi_scale") and torch.is_tensor(v) and v.dim() == 4:
+            out[k] = v.unsqueeze(0)
+        else:
+            out[k] = v
+    return out
 
 
 def _to_fairseq_key(key: str, enc_name: str) -> str:
@@ -132,13 +193,17 @@ def _select_weights(model_sd: dict, expected: dict, modality: str, weights: str,
         ema = model_sd.get("_ema")
         if not isinstance(ema, dict) or not ema:
             raise CheckpointError(f"{path}: has no EMA weights ('_ema'); use weights='model' (teacher_weights=model)")
-        block_relative = all(k.split(".", 1)[0].isdigit() for k in ema)  # ema_encoder_only checkpoints
+        # ema_encoder_only checkpoints (text) keep only the shared blocks, keyed "0.norm1.weight": the online
+        # modality encoder serves the EMA teacher
+        block_relative = all(k.split(".", 1)[0].isdigit() for k in ema)
         required = [k for k in expected if k.startswith("blocks.")]
         if not block_relative:
-            # the EMA copy holds its own modality encoder; its patch embedding only with ema_local_encoder
+            # the EMA copy holds its own modality encoder; without ema_local_encoder it lacks the local encoder
+            # (and audio's projection): data2vec2's teacher runs the online ones
             local = (model_cfg.get("modalities") or {}).get(modality) or {}
-            required = [k for k in expected if not (k.startswith("encoder.local_encoder.")
-                                                    and not local.get("ema_local_encoder", False))]
+            online = () if local.get("ema_local_encoder", False) else \
+                tuple("encoder." + p for p in enc_cls.online_in_ema_prefixes)
+            required = [k for k in expected if not k.startswith(online)]
         for k in expected:
             ek = k[len("blocks."):] if block_relative and k.startswith("blocks.") else _to_fairseq_key(k, enc_name)
             if ek in ema:
@@ -162,17 +227,20 @@ def _select_weights(model_sd: dict, expected: dict, modality: str, weights: str,
     return chosen
 
 
-def load_d2v(path, modality: str = "image", weights: str = "model", device="cpu",
-             trust_checkpoint: bool = False) -> D2vModel:
-    """Load a data2vec 2.0 checkpoint as a frozen ``D2vModel`` (eval mode, no gradients).
+def load_d2v(path, weights: str = "model", device="cpu", trust_checkpoint: bool = False,
+             modality: Optional[str] = None) -> D2vModel:
+    """Load a data2vec 2.0 checkpoint (image, text or audio) as a frozen ``D2vModel`` (eval mode, no gradients).
 
     Args:
-        path: fairseq checkpoint (the released ``base_imagenet.pt`` layout).
-        modality: which modality encoder to build (``"image"``).
+        path: fairseq checkpoint (the released ``base_imagenet.pt``, ``nlp_base.pt``, ``base_libri.pt`` layout).
         weights: ``"model"`` for the online weights (what fairseq's fine-tuning and feature extraction
-            use) or ``"ema"`` for the EMA teacher stored in ``model['_ema']``.
+            use) or ``"ema"`` for the EMA teacher stored in ``model['_ema']``, composed as data2vec2 composes
+            its teacher (text: online embeddings + EMA blocks; audio: online conv stack and projection + EMA
+            positional encoder, context encoder, ALiBi scale and blocks).
         device: where to put the model.
         trust_checkpoint: allow arbitrary pickled objects (only for files you trust).
+        modality: which modality encoder to build; default: the checkpoint's own (required only to pick one
+            modality of a multimodal file).
     """
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
@@ -182,28 +250,36 @@ def load_d2v(path, modality: str = "image", weights: str = "model", device="cpu"
     if name != "data2vec_multi":
         raise CheckpointError(f"{path}: is a {name!r} model, not a data2vec 2.0 model ('data2vec_multi'); "
                               f"{describe_wrong_model(name)}")
-    enc_cls = get_encoder_class(modality)
-    supported = str(model_cfg.get("supported_modality") or "").split(".")[-1].upper()
-    has_encoder = any(k.startswith(f"modality_encoders.{enc_cls.fairseq_name}.") for k in state["model"])
-    if (supported and supported != enc_cls.fairseq_name) or not has_encoder:
-        found = supported or "none"
-        raise CheckpointError(f"{path}: is a data2vec 2.0 {found.lower()} model, not an {modality} model; "
-                              f"pass an {modality} checkpoint such as base_imagenet.pt")
+    model_sd = upgrade_alibi_scale(state["model"])
+    modality = detect_modality(model_cfg, model_sd, path, modality)
     try:
-        cfg = D2vConfig.from_fairseq(model_cfg, modality)
+        cfg = D2vConfig.from_fairseq(model_cfg, modality, state=model_sd)
         model = D2vModel(cfg)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unusable cfg.model ({e})") from None
     expected = model.state_dict()
-    chosen = _select_weights(state["model"], expected, modality, weights, model_cfg, path)
+    chosen = _select_weights(model_sd, expected, modality, weights, model_cfg, path)
     model.load_state_dict(chosen, strict=True)
     model.eval().requires_grad_(False)
     model.checkpoint_path = str(path)
     model.weights = weights
     model.fairseq_model_cfg = model_cfg
+    model.fairseq_task_cfg = _task_cfg(state)
     return model.to(device)
 
 
+def _task_cfg(state: dict) -> dict:
+    """The checkpoint's ``cfg.task`` as a plain dict (``{}`` when absent): e.g. audio's ``normalize``."""
+    task = (state.get("cfg") or {}).get("task") if isinstance(state.get("cfg"), dict) else None
+    if task is not None and not isinstance(task, dict):
+        try:
+            from omegaconf import OmegaConf
+            task = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
+        except Exception:
+            task = None
+    return dict(task or {})
+
+
 def load_d2v_image(path, weights: str = "model", device="cpu", trust_checkpoint: bool = False) -> D2vModel:
-    """Load a data2vec 2.0 *image* checkpoint; see :func:`load_d2v`."""
-    return load_d2v(path, "image", weights=weights, device=device, trust_checkpoint=trust_checkpoint)
+    """Load a data2vec 2.0 *image* checkpoint; refuses text and audio files (use :func:`load_d2v` for those)."""
+    return load_d2v(path, weights=weights, device=device, trust_checkpoint=trust_checkpoint, modality="image")

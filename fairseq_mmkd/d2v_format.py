@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .d2v_model import D2vConfig, D2vModel
+from .encoders import get_encoder_class
 from .targets import TargetConfig
 
 _TARGET_FIELDS = tuple(TargetConfig.__dataclass_fields__)
@@ -22,20 +23,16 @@ _TARGET_FIELDS = tuple(TargetConfig.__dataclass_fields__)
 def d2v_model_cfg(cfg: D2vConfig) -> dict:
     """The ``cfg['model']`` section fairseq's ``Data2VecMultiConfig`` accepts for this architecture.
 
-    Pretraining-only parts are switched off (no decoder, no dropout, no masking loss terms) and the EMA
-    copy is a full copy of the model (``ema_encoder_only: false``), as in the released image models.
+    Pretraining-only parts are switched off (no decoder, no dropout, no masking loss terms). The EMA copy
+    follows the released models of the modality: a full copy for images, the blocks only for text
+    (``ema_encoder_only``), everything but the conv stack and projection for audio.
     """
-    if cfg.modality != "image":
-        raise ValueError(f"writing data2vec_multi checkpoints is implemented for images only, not {cfg.modality!r}")
-    enc = cfg.encoder
-    image = {
-        "type": "IMAGE", "prenet_depth": enc.prenet_depth, "prenet_layerdrop": 0.0, "prenet_dropout": 0.0,
-        "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_extra_tokens": enc.num_extra_tokens,
-        "init_extra_token_zero": False, "ema_local_encoder": True, "local_grad_mult": 1.0,
-        "use_alibi_encoder": False, "decoder": None, "input_size": enc.input_size, "in_chans": enc.in_chans,
-        "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "fixed_positions": enc.fixed_positions,
-        "transformer_decoder": False, "enc_dec_transformer": False, "num_alibi_heads": cfg.num_heads,
-        "model_depth": cfg.depth,
+    enc_cls = get_encoder_class(cfg.modality)
+    modality = {
+        "prenet_layerdrop": 0.0, "prenet_dropout": 0.0, "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0,
+        "num_extra_tokens": 0, "init_extra_token_zero": False, "ema_local_encoder": False, "local_grad_mult": 1.0,
+        "use_alibi_encoder": False, "decoder": None, "num_alibi_heads": cfg.num_heads, "model_depth": cfg.depth,
+        **enc_cls.fairseq_modality_cfg(cfg.encoder),
     }
     model = {
         "_name": "data2vec_multi", "depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads,
@@ -43,9 +40,10 @@ def d2v_model_cfg(cfg: D2vConfig) -> dict:
         "layer_norm_first": cfg.layer_norm_first, "end_of_block_targets": cfg.end_of_block_targets,
         "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "encoder_dropout": 0.0, "post_mlp_drop": 0.0,
         "attention_dropout": 0.0, "activation_dropout": 0.0, "dropout_input": 0.0, "layerdrop": 0.0,
-        "clone_batch": 1, "ema_encoder_only": False, "supported_modality": "IMAGE", "skip_ema": False,
+        "clone_batch": 1, "ema_encoder_only": bool(getattr(enc_cls, "ema_encoder_only", False)),
+        "supported_modality": enc_cls.fairseq_name, "skip_ema": False,
         "loss_beta": 0.0, "loss_scale": None, "cls_loss": 0.0, "recon_loss": 0.0, "d2v_loss": 1.0,
-        "shared_decoder": None, "mae_init": False, "modalities": {"image": image},
+        "shared_decoder": None, "mae_init": False, "modalities": {cfg.modality: modality},
     }
     model.update({name: getattr(cfg.targets, name) for name in _TARGET_FIELDS})
     model["average_top_k_layers"] = min(cfg.targets.average_top_k_layers, cfg.depth)
@@ -53,13 +51,22 @@ def d2v_model_cfg(cfg: D2vConfig) -> dict:
 
 
 def d2v_state_dict(model: D2vModel) -> dict:
-    """The model's weights under fairseq's names, with an identical EMA copy in ``_ema``."""
-    prefix = f"modality_encoders.{type(model.encoder).fairseq_name}."
+    """The model's weights under fairseq's names, with an identical EMA copy in ``_ema``, laid out as
+    data2vec2 stores it for the modality (see ``d2v_model_cfg``)."""
+    enc_cls = type(model.encoder)
+    prefix = f"modality_encoders.{enc_cls.fairseq_name}."
     state = {}
     for key, value in model.state_dict().items():
         name = prefix + key[len("encoder."):] if key.startswith("encoder.") else key
         state[name] = value.detach().to("cpu", torch.float32).clone()
-    state["_ema"] = {k: v.clone() for k, v in state.items()}
+    model_cfg = d2v_model_cfg(model.cfg)
+    if model_cfg["ema_encoder_only"]:
+        ema = {k[len("blocks."):]: v.clone() for k, v in state.items() if k.startswith("blocks.")}
+    else:
+        local = model_cfg["modalities"][model.cfg.modality]
+        online = () if local.get("ema_local_encoder") else tuple(prefix + p for p in enc_cls.online_in_ema_prefixes)
+        ema = {k: v.clone() for k, v in state.items() if not k.startswith(online)}
+    state["_ema"] = ema
     return state
 
 
@@ -74,8 +81,7 @@ def trainer_layout(model_cfg: dict, state: dict, task_cfg: dict | None = None) -
     except ImportError:  # the core works without fairseq; those sections are then minimal
         cfg = {"_name": None, "common": {}, "checkpoint": {}, "dataset": {}, "optimization": {}}
     cfg["model"] = model_cfg
-    cfg["task"] = task_cfg or {"_name": "mae_image_pretraining", "data": "", "input_size":
-                               model_cfg["modalities"]["image"]["input_size"], "key": "source"}
+    cfg["task"] = task_cfg
     cfg["criterion"] = {"_name": "model"}
     return {
         "args": None, "cfg": cfg, "model": state, "criterion": None,
@@ -99,6 +105,12 @@ def atomic_save(obj, path) -> None:
     os.replace(tmp, path)
 
 
-def save_d2v_checkpoint(model: D2vModel, path) -> None:
-    """Write ``model`` as a data2vec2 checkpoint that ``load_d2v_image`` and fairseq both read."""
-    atomic_save(trainer_layout(d2v_model_cfg(model.cfg), d2v_state_dict(model)), path)
+def save_d2v_checkpoint(model: D2vModel, path, task_cfg: dict | None = None) -> None:
+    """Write ``model`` as a data2vec2 checkpoint that ``load_d2v`` and fairseq both read.
+
+    ``task_cfg``: the ``cfg['task']`` section (default: the modality's pretraining task,
+    ``fairseq_task_cfg`` of its encoder); e.g. audio's ``normalize`` lives there.
+    """
+    enc_cls = type(model.encoder)
+    task = task_cfg if task_cfg is not None else enc_cls.fairseq_task_cfg(model.cfg.encoder)
+    atomic_save(trainer_layout(d2v_model_cfg(model.cfg), d2v_state_dict(model), task), path)

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .encoders import get_encoder_class
+from .encoders import EncoderOutput, get_encoder_class
 from .layers import Block
 from .targets import TargetConfig, make_targets
 
@@ -40,8 +40,9 @@ class D2vConfig:
             self.encoder = get_encoder_class(self.modality).Config()
 
     @classmethod
-    def from_fairseq(cls, model_cfg: dict, modality: str = "image") -> "D2vConfig":
-        """Build from a checkpoint's ``cfg['model']`` (a plain dict)."""
+    def from_fairseq(cls, model_cfg: dict, modality: str = "image", state: Optional[dict] = None) -> "D2vConfig":
+        """Build from a checkpoint's ``cfg['model']`` (a plain dict) and, for what the cfg does not hold (the text
+        vocabulary size), its fairseq-named weights ``state``."""
         return cls(
             modality=modality,
             embed_dim=int(model_cfg.get("embed_dim", 768)),
@@ -52,7 +53,7 @@ class D2vConfig:
             norm_affine=bool(model_cfg.get("norm_affine", True)),
             layer_norm_first=bool(model_cfg.get("layer_norm_first", False)),
             end_of_block_targets=bool(model_cfg.get("end_of_block_targets", False)),
-            encoder=get_encoder_class(modality).config_from_fairseq(model_cfg),
+            encoder=get_encoder_class(modality).config_from_fairseq(model_cfg, state),
             targets=TargetConfig.from_fairseq(model_cfg),
         )
 
@@ -66,13 +67,17 @@ class D2vConfig:
 class D2vModel(nn.Module):
     """data2vec2 encoder: ``encoder`` (modality-specific), ``blocks`` (shared), ``norm`` (pre-LN only).
 
-    Calling it on a batch (for images: normalised ``[B, C, H, W]``) returns a dict:
+    Calling it on a batch (images: normalised float ``[B, C, H, W]``; text: int64 token ids ``[B, T]``; audio:
+    float samples ``[B, L]``), optionally with a ``padding_mask`` (bool, True at padding: ``[B, T]`` tokens for
+    text, ``[B, L]`` samples for audio; text derives it from the pad token when it is not given), returns:
         ``encoder_out``: ``[B, T, D]``, the sequence entering the first shared block (extra tokens first).
         ``layer_results``: per shared block ``[B, T, D]``, what data2vec2 builds targets from (FFN output,
             or block output with ``end_of_block_targets``), extra tokens included.
         ``block_out``: per shared block, the residual stream after the block.
         ``x``: final features, ``block_out[-1]`` followed by the final LayerNorm of pre-LN models
             (what fairseq's ``extract_features`` returns, extra tokens included).
+        ``padding_mask``: bool ``[B, T]`` at sequence resolution (tokens, audio frames), True at padding; None
+            when nothing is padded. Outputs at padded positions are computed but meaningless.
     """
 
     def __init__(self, cfg: D2vConfig):
@@ -90,30 +95,37 @@ class D2vModel(nn.Module):
     def num_extra_tokens(self) -> int:
         return self.encoder.num_extra_tokens
 
-    def forward_blocks(self, x: torch.Tensor) -> dict:
+    def forward_blocks(self, enc: EncoderOutput) -> dict:
         """Run the shared blocks on an encoder output; see the class docstring for the keys."""
         layer_results, block_out = [], []
-        for blk in self.blocks:
-            x, target = blk(x)
+        masks, x = enc.masks(self.cfg.num_heads), enc.x
+        for i, blk in enumerate(self.blocks):
+            x, target = blk(x, masks(i))
             layer_results.append(target)
             block_out.append(x)
         final = self.norm(x) if self.norm is not None else x
         return {"layer_results": layer_results, "block_out": block_out, "x": final}
 
-    def forward(self, source: torch.Tensor) -> dict:
-        encoder_out = self.encoder(source)
-        return {"encoder_out": encoder_out, **self.forward_blocks(encoder_out)}
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> dict:
+        enc = self.encoder(source, padding_mask)
+        pm = enc.padding_mask
+        return {"encoder_out": enc.x, **self.forward_blocks(enc),
+                "padding_mask": pm if pm is not None and bool(pm.any()) else None}
 
     def make_targets(self, layer_results: Sequence[torch.Tensor], include_extra_tokens: bool = False,
-                     cfg: Optional[TargetConfig] = None, **overrides) -> torch.Tensor:
+                     cfg: Optional[TargetConfig] = None, padding_mask: Optional[torch.Tensor] = None,
+                     **overrides) -> torch.Tensor:
         """data2vec2 targets from ``layer_results`` (fp32 ``[B, T', D]``).
 
         Defaults to the checkpoint's own target settings; ``cfg`` or keyword ``overrides`` (any
         ``TargetConfig`` field) change them. Extra tokens are dropped first, as data2vec2 does, unless
-        ``include_extra_tokens`` is set (then the per-layer norms see them too).
+        ``include_extra_tokens`` is set (then the per-layer norms see them too). With a ``padding_mask``
+        (sequence resolution, as the forward returns it) the normalisations use valid positions only and the
+        targets are 0 at padding; fairseq's own ``make_targets`` includes the pads in its instance norms.
         """
         cfg = replace(cfg or self.cfg.targets, **overrides)
         if not include_extra_tokens:
             n = self.num_extra_tokens
             layer_results = [y[:, n:] for y in layer_results]
-        return make_targets(layer_results, cfg)
+            padding_mask = padding_mask[:, n:] if padding_mask is not None else None
+        return make_targets(layer_results, cfg, padding_mask)

@@ -6,10 +6,13 @@ student blocks. Only the student blocks (and the optional regression head) have 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from .d2v_model import D2vConfig, D2vModel
+from .encoders import EncoderOutput
 
 STUDENT_INITS = ("teacher_first", "teacher_spread", "random")
 PREDICTIONS = ("layer_average", "head")
@@ -80,6 +83,11 @@ class Distiller(nn.Module):
                 self.student_blocks[s].load_state_dict(teacher.blocks[t].state_dict())
         elif student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
+        # The teacher block whose attention bias scale each student block uses when the encoder scales its
+        # ALiBi bias per layer (learned_alibi_scale_per_layer): the block it was copied from, else spread.
+        self.student_bias_layers = (teacher_block_indices(student_init, student_depth, cfg.depth)
+                                    if student_init != "random" and student_depth <= cfg.depth else
+                                    torch.linspace(0, cfg.depth - 1, student_depth).round().long().tolist())
         self.frozen_modules().eval()
 
     def frozen_modules(self) -> nn.ModuleList:
@@ -99,58 +107,63 @@ class Distiller(nn.Module):
     def input_size(self) -> int:
         return self.cfg.encoder.input_size
 
-    def encode(self, source: torch.Tensor) -> torch.Tensor:
-        """The shared encoder's output; never tracked by autograd."""
+    def encode(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """The shared encoder's output (sequence, padding mask, attention bias); never tracked by autograd."""
         with torch.no_grad():
-            return self.shared_encoder(source)
+            return self.shared_encoder(source, padding_mask)
 
-    def run_teacher(self, encoder_out: torch.Tensor) -> list[torch.Tensor]:
+    def run_teacher(self, enc: EncoderOutput) -> list[torch.Tensor]:
         """Teacher per-layer outputs (what targets are built from), without autograd."""
         if self.teacher_blocks is None:
             raise RuntimeError("this model was loaded for inference without the teacher blocks")
-        layer_results, x = [], encoder_out
+        layer_results, x, masks = [], enc.x, enc.masks(self.cfg.num_heads)
         with torch.no_grad():
-            for blk in self.teacher_blocks:
-                x, target = blk(x)
+            for i, blk in enumerate(self.teacher_blocks):
+                x, target = blk(x, masks(i))
                 layer_results.append(target)
         return layer_results
 
-    def run_student(self, encoder_out: torch.Tensor) -> dict:
-        layer_results, x = [], encoder_out
-        for blk in self.student_blocks:
-            x, target = blk(x)
+    def run_student(self, enc: EncoderOutput) -> dict:
+        layer_results, x, masks = [], enc.x, enc.masks(self.cfg.num_heads)
+        for blk, layer in zip(self.student_blocks, self.student_bias_layers):
+            x, target = blk(x, masks(layer))
             layer_results.append(target)
         if self.student_norm is not None:
             x = self.student_norm(x)
         return {"layer_results": layer_results, "x": x}
 
-    def forward(self, source: torch.Tensor) -> dict:
-        encoder_out = self.encode(source)
-        student = self.run_student(encoder_out)
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> dict:
+        enc = self.encode(source, padding_mask)
+        student = self.run_student(enc)
         return {
-            "teacher_layer_results": self.run_teacher(encoder_out),
+            "teacher_layer_results": self.run_teacher(enc),
             "student_layer_results": student["layer_results"],
             "student_x": student["x"],
+            "padding_mask": enc.padding_mask,
         }
 
-    def loss(self, source: torch.Tensor, target_cfg, include_extra_tokens: bool = True) -> dict:
+    def loss(self, source: torch.Tensor, target_cfg, include_extra_tokens: bool = True,
+             padding_mask: Optional[torch.Tensor] = None) -> dict:
         """Forward and distillation loss in one function: the unit ``torch.compile`` fuses best (the
         target normalisations fuse with the last matmuls; see BENCHMARKS.md)."""
         from .kd_loss import distillation_loss
 
-        return distillation_loss(self, self(source), target_cfg, include_extra_tokens)
+        return distillation_loss(self, self(source, padding_mask), target_cfg, include_extra_tokens)
 
-    def forward_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    def forward_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                         layer: int = -1) -> torch.Tensor:
         """Student features ``[B, T, D]`` (extra tokens first) after block ``layer`` (-1: the last, -k: the
         k-th from last), through the final norm of a pre-LN student: what retrieval embeds."""
-        return block_features(self.student_blocks, self.encode(source), layer, self.student_norm)
+        return block_features(self.student_blocks, self.encode(source, padding_mask), self.cfg.num_heads, layer,
+                              self.student_norm, self.student_bias_layers)
 
-    def teacher_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    def teacher_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                         layer: int = -1) -> torch.Tensor:
         """Teacher features ``[B, T, D]`` after block ``layer`` (for the teacher's retrieval baseline)."""
         if self.teacher_blocks is None:
             raise RuntimeError("this model was loaded for inference without the teacher blocks")
         with torch.no_grad():
-            return block_features(self.teacher_blocks, self.encode(source), layer)
+            return block_features(self.teacher_blocks, self.encode(source, padding_mask), self.cfg.num_heads, layer)
 
 
 def block_index(layer: int, depth: int) -> int:
@@ -161,9 +174,14 @@ def block_index(layer: int, depth: int) -> int:
     return depth + layer
 
 
-def block_features(blocks, x: torch.Tensor, layer: int = -1, norm=None) -> torch.Tensor:
-    """Run ``blocks`` on ``x`` up to and including block ``layer``; apply ``norm`` (if any) to its output."""
-    for blk in blocks[:block_index(layer, len(blocks)) + 1]:
-        x, _ = blk(x)
-    return norm(x) if norm is not None else x
+def block_features(blocks, enc: EncoderOutput, num_heads: int, layer: int = -1, norm=None,
+                   mask_layers=None) -> torch.Tensor:
+    """Run ``blocks`` on an encoder output up to and including block ``layer``, then ``norm`` (if any).
 
+    Block i gets the attention mask of layer ``mask_layers[i]`` (default i) of ``enc`` (padding, ALiBi bias).
+    """
+    masks, x = enc.masks(num_heads), enc.x
+    mask_layers = list(range(len(blocks))) if mask_layers is None else mask_layers
+    for i in range(block_index(layer, len(blocks)) + 1):
+        x, _ = blocks[i](x, masks(mask_layers[i]))
+    return norm(x) if norm is not None else x

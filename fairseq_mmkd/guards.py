@@ -6,8 +6,18 @@ Crash safety of checkpoint files. fairseq-fixed 0.12.3.1 writes each checkpoint 
 (``PathManager.copy`` -> ``shutil.copyfile``). A run killed during that copy (preemption, OOM killer,
 Ctrl-C twice) leaves a truncated ``checkpoint_last.pt``, and every restart then fails to load it.
 :func:`install_checkpoint_file_guards` (called when the plugin is imported) makes that copy atomic too
-(copy to ``<dst>.tmp``, fsync, ``os.replace``) and, when fairseq prepares the save dir at start-up, removes
-partial ``checkpoint*.pt.tmp`` files left by a killed run and names the setting when the dir is unwritable.
+(copy to ``<dst>.tmp``, fsync, ``os.replace``) and names the setting when the save dir cannot be created.
+Partial ``checkpoint*.pt.tmp`` files of a killed run are removed by :mod:`fairseq_mmkd.save_dir` once the
+run holds the folder's lock.
+
+A full disk. When writing a checkpoint fails (no space left, quota exceeded, I/O error, a file-size limit),
+stock fairseq retries the same half-written file handle three times, leaves ``<name>.pt.tmp`` behind and
+ends with a traceback from inside ``torch.save``. The plugin's ``torch_persistent_save`` and copy remove the
+partial file, leave the previous ``checkpoint_last.pt``/``checkpoint_best.pt`` as they were (they are only
+ever replaced by a complete, fsynced file), and stop the run with one line saying what failed, how large the
+checkpoint is and how much space is free (:class:`CheckpointWriteError`, exit status 1). There is no
+"train on without saving" mode: a run that cannot save loses everything at its next preemption; a run
+that should not save at all is ``checkpoint.no_save=true``.
 
 Numerical guards. :class:`TrainingGuard` is consulted by the task after every backward pass. A NaN/inf
 loss or gradient (on any worker: the decision is all-reduced, so all workers skip together) makes the
@@ -22,6 +32,7 @@ skips them and lowers the scale), so the guard stands aside there; fp32 and bf16
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -51,17 +62,119 @@ class SaveDirError(OSError):
     """``checkpoint.save_dir`` cannot be written."""
 
 
+class EndRun(SystemExit):
+    """Ends the training process with exit status ``code`` once the reason has been logged as one line.
+
+    A ``SystemExit``, so that neither fairseq nor Hydra adds a traceback to a line that already says what
+    happened and what to do (a finished run, a folder in use, a full disk); ``str()`` is that line.
+    """
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointWriteError(EndRun):
+    """A checkpoint could not be written (full disk, quota, I/O error); the previous ones are intact."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoint files
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e``: ``torch.save`` reports a failed ``write`` as a RuntimeError from its zip
+    writer, with the OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+class _CountingSink:
+    """A write-only file that only counts bytes: the size of a checkpoint without writing it anywhere."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def write_failed(path: str, error: OSError, size: int) -> CheckpointWriteError:
+    """The one line for a checkpoint that could not be written, logged; returns the exception to raise."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    hint = {errno.EFBIG: " (a file-size limit: see ulimit -f)", errno.EDQUOT: " (your disk quota)"}.get(error.errno, "")
+    msg = (f"stopping: could not write checkpoint {os.path.abspath(path)}: {error.strerror or error}{hint}. "
+           f"It needs {_size(size)}, twice that while checkpoint_last.pt/checkpoint_best.pt are replaced ({free}). "
+           "The partial file was removed and the previous checkpoints are unchanged: free space (or pass a "
+           "checkpoint.save_dir with room) and rerun the same command to resume from checkpoint_last.pt")
+    logger.error(msg)
+    return CheckpointWriteError(msg)
 
 
 def atomic_copy(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` so that ``dst`` is, at every moment, either its old or its new content."""
     tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:  # durable before it replaces the old file (power loss, not only kills)
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:  # durable before it replaces the old file (power loss, not only kills)
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        _remove(tmp)
+        raise write_failed(dst, e, os.path.getsize(src)) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def save_checkpoint_file(obj, filename: str) -> None:
+    """``torch.save`` to ``<filename>.tmp``, fsync, then ``os.replace``: ``filename`` is never partial, and
+    a failed write leaves no ``.tmp`` behind and stops the run with :func:`write_failed`'s line."""
+    tmp = filename + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException as e:
+        _remove(tmp)
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        sink = _CountingSink()
+        torch.save(obj, sink)
+        raise write_failed(filename, cause, sink.size) from None
 
 
 def remove_partial_checkpoints(save_dir: str) -> list:
@@ -80,8 +193,8 @@ def remove_partial_checkpoints(save_dir: str) -> list:
 
 
 def install_checkpoint_file_guards() -> None:
-    """Patch fairseq (once per process): atomic ``PathManager.copy`` for local files, and a save-dir check
-    that cleans up partial files and explains an unwritable ``checkpoint.save_dir``."""
+    """Patch fairseq (once per process): atomic ``PathManager.copy`` for local files, a
+    ``torch_persistent_save`` that survives a full disk, and a save-dir check that names the setting."""
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
 
@@ -99,16 +212,30 @@ def install_checkpoint_file_guards() -> None:
         copy.stock = stock_copy
         PathManager.copy = staticmethod(copy)
 
+    if not getattr(checkpoint_utils.torch_persistent_save, "_mmkd_guard", False):
+        stock_save = checkpoint_utils.torch_persistent_save
+
+        def torch_persistent_save(obj, filename, async_write: bool = False):
+            if async_write or not isinstance(filename, str) or PathManager.path_requires_pathmanager(filename):
+                return stock_save(obj, filename, async_write=async_write)
+            save_checkpoint_file(obj, filename)
+
+        torch_persistent_save._mmkd_guard = True
+        torch_persistent_save.stock = stock_save
+        checkpoint_utils.torch_persistent_save = torch_persistent_save
+
     if not getattr(checkpoint_utils.verify_checkpoint_directory, "_mmkd_guard", False):
         stock_verify = checkpoint_utils.verify_checkpoint_directory
 
         def verify_checkpoint_directory(save_dir: str) -> None:
+            # fairseq's version writes and deletes a file named "dummy" as a write test, which races with a
+            # second run starting on the same folder; the write test is taking the folder's lock instead
+            # (save_dir.take_lock, in the task's setup_task, right after this).
             try:
-                stock_verify(save_dir)
+                os.makedirs(save_dir, exist_ok=True)
             except OSError as e:
                 raise SaveDirError(f"checkpoint.save_dir={save_dir} is not a writable folder "
                                    f"({type(e).__name__}: {e.strerror or e}); pass a folder you can write to") from None
-            remove_partial_checkpoints(save_dir)
 
         verify_checkpoint_directory._mmkd_guard = True
         verify_checkpoint_directory.stock = stock_verify

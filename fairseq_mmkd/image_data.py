@@ -355,17 +355,32 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` uint8 pixels of an RGB image (what device decoding normalises on the device)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def crop_resize_flip(img: Image.Image, box: Sequence[int], input_size: int, flip: bool) -> Image.Image:
+    """Crop ``box = (top, left, height, width)``, resize to ``input_size`` (PIL bicubic), flip if asked."""
+    top, left, h, w = box
+    img = img.crop((left, top, left + w, top + h)).resize((input_size, input_size), Image.Resampling.BICUBIC)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+
+def train_crop(img: Image.Image, input_size: int, generator: torch.Generator,
+               scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """RandomResizedCrop (bicubic) and horizontal flip p=0.5 of ``train_transform``, before normalisation."""
+    box = random_resized_crop_box(img.width, img.height, scale, ratio, generator)
+    return crop_resize_flip(img, box, input_size, torch.rand(1, generator=generator).item() < 0.5)
+
+
 def train_transform(img: Image.Image, input_size: int, generator: torch.Generator,
                     scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """data2vec 2.0 pretraining augmentation: RandomResizedCrop (bicubic), horizontal flip p=0.5, normalise.
 
     Crop and resize run in PIL on uint8 pixels; the tensor is made once, at ``input_size``.
     """
-    top, left, h, w = random_resized_crop_box(img.width, img.height, scale, ratio, generator)
-    img = img.crop((left, top, left + w, top + h)).resize((input_size, input_size), Image.Resampling.BICUBIC)
-    if torch.rand(1, generator=generator).item() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_normalized_tensor(img)
+    return to_normalized_tensor(train_crop(img, input_size, generator, scale, ratio))
 
 
 def eval_transform(img: Image.Image, input_size: int) -> torch.Tensor:
@@ -451,6 +466,10 @@ class ImageListDataset(torch.utils.data.Dataset):
         max_bad_fraction: largest tolerated fraction of unreadable images (0 stops at the first one).
         seed: base seed of the augmentation.
         max_pixels: images that would decode to more pixels are treated as unreadable (memory guard).
+        device_decode: training samples of JPEGs the device can decode carry the file's bytes, crop box
+            and flip instead of pixels, and the collater returns an ``EncodedBatch`` in
+            ``net_input["source"]`` that ``device_decode.decode_batch`` turns into the batch on the GPU
+            (see that module); other files are decoded here as usual. Eval samples are unaffected.
     """
 
     min_attempts = 50
@@ -458,7 +477,8 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[str], input_size: int = 224, train: bool = True,
                  scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 max_bad_fraction: float = 0.01, seed: int = 1, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+                 max_bad_fraction: float = 0.01, seed: int = 1, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 device_decode: bool = False):
         if len(paths) == 0:
             raise ImageDataError("ImageListDataset needs at least one image path; check the data path")
         if input_size <= 0:
@@ -477,6 +497,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.max_bad_fraction = float(max_bad_fraction)
         self.seed = int(seed)
         self.max_pixels = max_pixels
+        self.device_decode = bool(device_decode) and self.train
         needed = (min_short_side_for_crop(self.input_size, self.scale, self.ratio) if self.train
                   else int(self.input_size / EVAL_CROP_FRACTION))
         self.min_short_side = math.ceil(SHRINK_GAP * needed)  # decode / shrink no further than this
@@ -512,11 +533,23 @@ class ImageListDataset(torch.utils.data.Dataset):
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        for skipped in range(n):
-            path = self._paths[(index + skipped) % n]
+        return self._load(index, first=0, pixels_only=self.device_decode, encode=self.device_decode)
+
+    def _load(self, index: int, first: int, pixels_only: bool, encode: bool) -> dict:
+        """Sample ``index`` from the first readable file at ``index + first``, ``index + first + 1``, ...;
+        ``encode``: a device-decodable JPEG as its bytes; ``pixels_only``: other files as uint8 pixels."""
+        n = len(self)
+        for skipped in range(first, n):
+            path_index = (index + skipped) % n
+            path = self._paths[path_index]
             if path in self.bad_paths:
                 self._count_failure(path, None)
                 continue
+            if encode:
+                encoded = self._encoded_jpeg(path, index)
+                if encoded is not None:
+                    self.num_attempts += 1
+                    return {"id": index, "num_replaced": skipped, "path_index": path_index, **encoded}
             try:
                 img = load_rgb(path, self.min_short_side, self.max_pixels)
             except UnreadableImageError as e:
@@ -525,7 +558,10 @@ class ImageListDataset(torch.utils.data.Dataset):
             self.num_attempts += 1
             if self.train:
                 generator = torch.Generator().manual_seed(self.sample_seed(index))
-                source = train_transform(img, self.input_size, generator, self.scale, self.ratio)
+                crop = train_crop(img, self.input_size, generator, self.scale, self.ratio)
+                if pixels_only:
+                    return {"id": index, "pixels": to_uint8_tensor(crop), "num_replaced": skipped}
+                source = to_normalized_tensor(crop)
             else:
                 source = eval_transform(img, self.input_size)
             return {"id": index, "source": source, "num_replaced": skipped}
@@ -533,7 +569,63 @@ class ImageListDataset(torch.utils.data.Dataset):
             f"none of the {n} images could be decoded, e.g. {sorted(self.bad_paths)[:3]}; check the data path "
             f"and that the files are images")
 
-    collater = staticmethod(collate)
+    def _encoded_jpeg(self, path: str, index: int) -> Optional[dict]:
+        """The file's bytes with its crop box and flip when the device can decode it, else ``None``."""
+        from .device_decode import device_decodable_header, draw_augmentation
+
+        try:
+            with open(path, "rb") as f:
+                if f.read(3) != b"\xff\xd8\xff":
+                    return None
+                data = b"\xff\xd8\xff" + f.read()
+        except OSError:
+            return None  # the CPU path reports it
+        header = device_decodable_header(data, self.min_short_side, self.max_pixels)
+        if header is None:
+            return None
+        width, height, orientation = header
+        generator = torch.Generator().manual_seed(self.sample_seed(index))
+        box, flip = draw_augmentation(width, height, self.scale, self.ratio, generator)
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "box": box, "flip": flip,
+                "orientation": orientation}
+
+    def fallback_crop(self, path_index: int, sample_index: int, box: Sequence[int], flip: bool) -> tuple:
+        """For a JPEG the device decoder rejected: decode it with PIL here and apply the same box and flip, or,
+        if it is unreadable, count it and use the next readable image as ``dataset[sample_index]`` would.
+
+        Returns:
+            ``(uint8 [3, S, S], number of files replaced beyond those the worker already counted)``.
+        """
+        n = len(self)
+        path = self._paths[path_index]
+        try:
+            img = load_rgb(path, self.min_short_side, self.max_pixels)
+            top, left, h, w = box
+            if top + h <= img.height and left + w <= img.width:
+                return to_uint8_tensor(crop_resize_flip(img, box, self.input_size, flip)), 0
+            raise UnreadableImageError(path, f"decoded size {img.size} differs from its header's")
+        except UnreadableImageError as e:
+            self._count_failure(path, e.reason)
+        already = (path_index - sample_index) % n
+        item = self._load(sample_index, first=already + 1, pixels_only=True, encode=False)
+        return item["pixels"], item["num_replaced"] - already
+
+    def record_device_decodes(self, count: int) -> None:
+        """Count images decoded on the device as load attempts, so that the unreadable fraction measured in
+        the training process (``fallback_crop``) has the right denominator."""
+        self.num_attempts += int(count)
+
+    def collater(self, samples: Sequence[dict]) -> dict:
+        if not self.device_decode or len(samples) == 0:
+            return collate(samples)
+        from .device_decode import EncodedBatch
+
+        return {
+            "id": torch.tensor([s["id"] for s in samples], dtype=torch.long),
+            "net_input": {"source": EncodedBatch.collate(samples, self.input_size)},
+            "nsamples": len(samples),
+            "num_replaced": int(sum(s.get("num_replaced", 0) for s in samples)),
+        }
 
     def _count_failure(self, path: str, reason: Optional[str]) -> None:
         self.num_bad += 1

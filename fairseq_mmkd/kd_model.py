@@ -111,10 +111,10 @@ class D2vKDModel(BaseFairseqModel):
         return self._loss(source, targets, include_extra_tokens)
 
     def forward_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        return self.distiller.forward_features(source, layer)
+        return self.distiller.forward_features(source, layer=layer)
 
     def teacher_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        return self.distiller.teacher_features(source, layer)
+        return self.distiller.teacher_features(source, layer=layer)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""

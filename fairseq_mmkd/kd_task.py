@@ -7,13 +7,16 @@ of the student (plus the teacher's, computed once per run and logged with a ``te
 are computed is written to ``SAVE_DIR/eval_protocol.json`` at the first validation.
 
 Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
-the teacher is loaded or the trainer starts.
+the teacher is loaded or the trainer starts. First of all it claims ``checkpoint.save_dir``
+(:mod:`fairseq_mmkd.save_dir`): a rerun of a finished run exits there, and a folder another live run is
+using is refused.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,7 +29,7 @@ from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from . import guards, image_data
+from . import device_decode, guards, image_data, save_dir
 from .checkpoint import CheckpointError
 from .distill import block_index
 from .retrieval import evaluate_retrieval, evaluation_protocol, load_cifar, load_image_folder_pair
@@ -51,6 +54,12 @@ class D2vKDTaskConfig(FairseqDataclass):
         "help": "RandomResizedCrop minimum area fraction (data2vec2 image pretraining: 0.2)"})
     max_bad_image_fraction: float = field(default=0.01, metadata={
         "help": "stop with an error when more than this fraction of the images read so far is unreadable"})
+    gpu_decode: str = field(default="auto", metadata={
+        "help": "decode training JPEGs in the training process on its device (nvjpeg on a GPU), batched, with the "
+                "crop, flip and normalisation there; DataLoader workers then only read files (other formats are "
+                "still decoded by the workers). auto: on when training on a GPU; true: also on CPU; false: off"})
+    cpu: bool = field(default=II("common.cpu"), metadata={
+        "help": "fairseq's common.cpu: training on CPU (gpu_decode=auto is then off)"})
     seed: int = field(default=II("common.seed"), metadata={"help": "augmentation seed (fairseq's common.seed)"})
     valid_kd_images: int = field(default=64, metadata={
         "help": "validation distillation loss is measured on this many training images (centre crops)"})
@@ -82,7 +91,9 @@ class D2vKDTaskConfig(FairseqDataclass):
     retrieval_batch_size: int = field(default=256, metadata={"help": "images per retrieval embedding batch"})
     retrieval_teacher: bool = field(default=True, metadata={
         "help": "also evaluate the teacher once per run and log it with a teacher_ prefix"})
-    retrieval_progress: bool = field(default=False, metadata={"help": "show a progress bar while embedding"})
+    retrieval_progress: str = field(default="auto", metadata={
+        "help": "progress bar while embedding the retrieval sets: auto (only when stderr is a terminal, so never "
+                "in log files or CI), true or false"})
     retrieval_examples: int = field(default=8, metadata={
         "help": "at each validation draw this many fixed test queries of the first retrieval set with their "
                 "top-3 neighbours to SAVE_DIR/retrieval_examples.png (and one file per update); 0: off"})
@@ -173,9 +184,14 @@ class D2vKDTask(FairseqTask):
         checkpoint for inference (its data may be gone by then)."""
         if from_checkpoint:
             return cls(cfg)
+        root = save_dir.full_config(cfg)
+        if root is not None:  # a finished run exits here; a folder in use by another run is refused
+            save_dir.claim(root)
+        retrieval_progress(cfg.retrieval_progress)
         if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
             raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
         check_retrieval_settings(cfg)
+        gpu_decode_mode(cfg.gpu_decode)
         if not cfg.data:
             raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
                                             "(a folder of images in ImageFolder layout, or a text file of paths)")
@@ -225,7 +241,9 @@ class D2vKDTask(FairseqTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """fairseq's forward/backward, then the numerical guard: a NaN/inf loss or gradient on any worker
-        zeroes the gradients and marks the update to be skipped in ``optimizer_step``."""
+        zeroes the gradients and marks the update to be skipped in ``optimizer_step``. A batch of still
+        encoded JPEGs (``task.gpu_decode``) is decoded and augmented on the model's device first."""
+        sample = self.decode_sample(sample, model)
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
                                                                ignore_grad=ignore_grad)
         if self.guard is None:
@@ -241,12 +259,49 @@ class D2vKDTask(FairseqTask):
             return  # skipped: parameters and optimizer state stay as they were
         super().optimizer_step(optimizer, model, update_num)
 
+    def decode_sample(self, sample, model):
+        """Turn an ``EncodedBatch`` source into the normalised batch on the model's device and dtype."""
+        source = sample.get("net_input", {}).get("source") if sample else None
+        if not isinstance(source, device_decode.EncodedBatch):
+            return sample
+        param = next(model.parameters())
+        images = self.datasets["train"].images
+        x, replaced = device_decode.decode_batch(source, param.device, images.fallback_crop, dtype=param.dtype)
+        images.record_device_decodes(source.num_encoded)
+        return {**sample, "net_input": {**sample["net_input"], "source": x},
+                "num_replaced": sample.get("num_replaced", 0) + replaced}
+
+    def use_device_decode(self) -> bool:
+        """Whether training JPEGs are decoded on the training device (``task.gpu_decode``); decided once."""
+        if getattr(self, "_device_decode", None) is None:
+            self._device_decode = self._decide_device_decode()
+        return self._device_decode
+
+    def _decide_device_decode(self) -> bool:
+        mode = gpu_decode_mode(self.cfg.gpu_decode)
+        on_gpu = torch.cuda.is_available() and not self.cfg.cpu
+        if mode == "false" or (mode == "auto" and not on_gpu):
+            return False
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        problem = device_decode.device_decode_works(device)
+        if problem is None:
+            logger.info(f"decoding training JPEGs on {device} (task.gpu_decode={mode}); data workers only read files")
+            return True
+        if mode == "true":
+            raise RuntimeError(f"task.gpu_decode=true but torchvision cannot decode JPEGs on {device} ({problem}); "
+                               "install a torchvision build with image support matching your torch, or set "
+                               "task.gpu_decode=false to decode in the data workers")
+        logger.warning(f"torchvision cannot decode JPEGs on {device} ({problem}): decoding in the data workers "
+                       "(task.gpu_decode=auto)")
+        return False
+
     def _images(self, train: bool):
         if self.input_size is None:
             raise RuntimeError("build the model before loading datasets: the crop size comes from the teacher")
         return image_data.ImageListDataset(self.image_paths, self.input_size, train=train,
                                            scale=(self.cfg.crop_scale_min, 1.0),
-                                           max_bad_fraction=self.cfg.max_bad_image_fraction, seed=self.cfg.seed)
+                                           max_bad_fraction=self.cfg.max_bad_image_fraction, seed=self.cfg.seed,
+                                           device_decode=train and self.use_device_decode())
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         if split == "train":
@@ -286,8 +341,8 @@ class D2vKDTask(FairseqTask):
 
     def _evaluate(self, feature_fn, model, on_embedded=None):
         layer = self.cfg.retrieval_layer
-        return evaluate_retrieval(lambda x: feature_fn(x, layer), self.retrieval_sets,
-                                  progress=self.cfg.retrieval_progress, on_embedded=on_embedded,
+        return evaluate_retrieval(lambda x: feature_fn(x, layer=layer), self.retrieval_sets,
+                                  progress=retrieval_progress(self.cfg.retrieval_progress), on_embedded=on_embedded,
                                   **self.evaluation_settings(model))
 
     def write_protocol(self, model, with_teacher: bool) -> None:
@@ -397,6 +452,27 @@ def check_retrieval_model(cfg: D2vKDTaskConfig, model) -> None:
     if str(cfg.retrieval_pooling) in ("cls", "cls+mean") and model.num_extra_tokens < 1:
         raise ValueError(f"task.retrieval_pooling={cfg.retrieval_pooling}, but the teacher's encoder has no extra "
                          "(CLS) token; use task.retrieval_pooling=mean (or auto)")
+
+
+def retrieval_progress(setting) -> bool:
+    """``task.retrieval_progress``: auto shows the bar only when stderr (where tqdm draws) is a terminal."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"task.retrieval_progress={setting!r}: use auto (a bar only on a terminal), true or false")
+
+
+def gpu_decode_mode(value) -> str:
+    """``task.gpu_decode`` as ``auto``, ``true`` or ``false`` (Hydra may pass true/false as booleans)."""
+    mode = str(value).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"task.gpu_decode={value!r} must be auto (decode on the GPU when training on one), true or "
+                         "false")
+    return mode
 
 
 def fit_workers(requested: int) -> int:

@@ -4,8 +4,17 @@ The parameter names (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, ``no
 fairseq's ``AltBlock`` so that released checkpoints load without renaming. Attention runs through
 ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); fairseq's manual fp32
 softmax differs from it by ~1e-6 in fp32.
+
+Text and audio need two more things in attention, both given to a block as one ``attn_mask``
+(built once per batch by :func:`attention_mask`, see there): a key padding mask (padded keys get no
+weight; padded queries still produce outputs, which callers ignore) and, for audio, an additive ALiBi
+bias. As in fairseq's ``AltAttention``, a bias makes the logits, the bias add and the softmax fp32 even
+under bf16; without a bias (images, text) attention keeps the compute dtype. Images pass no mask, which
+keeps the fastest SDPA kernels.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -52,12 +61,61 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if attn_mask is None:  # images: no padding, no bias
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        elif attn_mask.dtype == torch.bool:  # key padding only: keeps the compute dtype
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        else:  # additive fp32 bias (ALiBi, with -inf at padded keys): logits and softmax in fp32
+            x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               dropout_p=dropout_p).to(q.dtype)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+def attention_mask(padding_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   num_heads: int) -> Optional[torch.Tensor]:
+    """The ``attn_mask`` a :class:`Block` takes, built once per batch (and per bias scale).
+
+    Args:
+        padding_mask: bool ``[B, T]``, True at padded positions, or None.
+        bias: fp32 ``[B, H', T, T]`` additive bias for the first ``H' <= num_heads`` heads (fairseq adds the
+            ALiBi bias to ``attn[:, :H']``), or None.
+        num_heads: heads of the blocks.
+
+    Returns:
+        None (nothing to mask: the plain SDPA call), a bool ``[B, 1, 1, T]`` keep-mask (padding only), or an
+        fp32 ``[B, H, T, T]`` additive mask (the bias, with -inf at padded keys).
+    """
+    if bias is None:
+        return None if padding_mask is None else ~padding_mask[:, None, None, :]
+    bias = bias.float()
+    if bias.shape[1] < num_heads:
+        bias = F.pad(bias, (0, 0, 0, 0, 0, num_heads - bias.shape[1]))
+    if padding_mask is not None:
+        bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+    return bias
+
+
+class AttentionMasks:
+    """Per-block ``attn_mask`` for one batch: one shared mask, or one per block when the ALiBi bias has a
+    learned scale per layer (``alibi_scale`` ``[L, H' or 1]``, already clamped at 0)."""
+
+    def __init__(self, padding_mask: Optional[torch.Tensor], alibi_bias: Optional[torch.Tensor],
+                 alibi_scale: Optional[torch.Tensor], num_heads: int):
+        self.padding_mask, self.alibi_bias, self.alibi_scale = padding_mask, alibi_bias, alibi_scale
+        self.num_heads = num_heads
+        self.shared = (attention_mask(padding_mask, alibi_bias, num_heads)
+                       if alibi_scale is None or alibi_bias is None else None)
+
+    def __call__(self, layer: int) -> Optional[torch.Tensor]:
+        if self.alibi_scale is None or self.alibi_bias is None:
+            return self.shared
+        scale = self.alibi_scale[layer].reshape(1, -1, 1, 1)
+        return attention_mask(self.padding_mask, self.alibi_bias * scale.type_as(self.alibi_bias), self.num_heads)
 
 
 class Mlp(nn.Module):
@@ -124,14 +182,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
         self.post_mlp_dropout = nn.Dropout(post_mlp_drop)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attn_mask``: None, or what :func:`attention_mask` builds (padding and/or ALiBi bias)."""
         if self.layer_norm_first:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
             f = self.mlp(self.norm2(x))
             residual = f if self.preln_upstream_quirk else x
             out = residual + self.drop_path(self.post_mlp_dropout(f))
         else:
-            x = self.norm1(x + self.drop_path(self.attn(x)))
+            x = self.norm1(x + self.drop_path(self.attn(x, attn_mask)))
             f = self.mlp(x)
             out = self.norm2(x + self.drop_path(self.post_mlp_dropout(f)))
         return out, (f if self.ffn_targets else out)

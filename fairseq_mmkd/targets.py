@@ -2,11 +2,17 @@
 
 Same recipe and order as fairseq's ``Data2VecMultiModel.make_targets``; always computed in fp32. Norms
 use eps 1e-5 and no affine parameters, as upstream.
+
+Padded batches (text, audio) are where this departs from fairseq on purpose: given a padding mask, the
+instance and batch norms take their statistics over valid positions only, and the targets are 0 at pads.
+fairseq's pretraining includes the pads in those statistics (its audio batches are never padded and its
+text blocks rarely are), so a padded sequence gets the targets it would get alone; without padding both
+are the same computation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +41,24 @@ class TargetConfig:
         return cls(**kw)
 
 
-def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig) -> torch.Tensor:
+def _masked_norm(y: torch.Tensor, valid: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """``(y - mean) / sqrt(var + 1e-5)`` with biased mean/var over ``dims`` at valid positions only (the
+    statistics of ``F.instance_norm`` / ``F.batch_norm`` on the valid tokens alone); 0 at padding."""
+    count = valid.sum(dims, keepdim=True).clamp_min(1)
+    mean = (y * valid).sum(dims, keepdim=True) / count
+    var = ((y - mean).pow(2) * valid).sum(dims, keepdim=True) / count
+    return (y - mean) * torch.rsqrt(var + 1e-5) * valid
+
+
+def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig,
+                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Average of the last ``cfg.average_top_k_layers`` normalised layer outputs.
 
     Args:
         layer_results: per-layer tensors ``[B, T, C]`` (the caller chooses which tokens to include).
         cfg: the normalisation recipe.
+        padding_mask: optional bool ``[B, T]``, True at padding: statistics over valid positions only, and
+            0 at padding (see the module docstring).
 
     Returns:
         fp32 tensor ``[B, T, C]``. Differentiable: the same recipe turns a student's per-layer outputs
@@ -50,7 +68,13 @@ def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig) -> to
     if not 1 <= k <= len(layer_results):
         raise ValueError(f"average_top_k_layers={k} must be between 1 and the number of layers ({len(layer_results)})")
     ys = [y.float() for y in layer_results[-k:]]
-    if cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
+    if padding_mask is not None:
+        valid = (~padding_mask).unsqueeze(-1).to(ys[0].dtype)  # [B, T, 1]
+        if cfg.batch_norm_target_layer:
+            ys = [_masked_norm(y, valid, (0, 1)) for y in ys]
+        if cfg.instance_norm_target_layer:
+            ys = [_masked_norm(y, valid, (1,)) for y in ys]
+    elif cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
         ys = [y.transpose(1, 2) for y in ys]  # BTC -> BCT: normalise each channel over tokens
         if cfg.batch_norm_target_layer:
             ys = [F.batch_norm(y, None, None, training=True) for y in ys]
@@ -63,5 +87,10 @@ def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig) -> to
     if cfg.layer_norm_targets:
         target = F.layer_norm(target, target.shape[-1:])
     if cfg.instance_norm_targets:
-        target = F.instance_norm(target.transpose(1, 2)).transpose(1, 2)
+        if padding_mask is not None:
+            target = _masked_norm(target, valid, (1,))
+        else:
+            target = F.instance_norm(target.transpose(1, 2)).transpose(1, 2)
+    if padding_mask is not None:
+        target = target * valid
     return target

@@ -18,8 +18,8 @@ Every figure is a ratio against a baseline timed in the same run, with both abso
   (growth of the resident set over the steps, from ``/proc/self/status`` VmHWM after resetting it) is its own;
   the two processes take turns step by step, so load from other jobs on the machine hits both alike.
 * Teacher forward: ``D2vModel`` vs fairseq's own ``Data2VecMultiModel`` (built by ``tests/fairseq_reference.py``
-  from the released config at the same sizes) with identical weights: time ratio and max |difference| of the
-  last layer's output.
+  from the released image, text and audio base configs) with identical weights: time ratio and max
+  |difference| of the last layer's output; text at 512 tokens, audio on 10 s clips.
 * Retrieval: embedding images/s of 32 px uint8 images resized to 224 through ``retrieval.embed`` (batched,
   on the tensor) vs a per-image PIL transform loop, with a ViT-B-wide model of small depth; exact search of
   a 50,000 x 10,000 x 768 bank with faiss and torch (``topk_accuracy``) vs the naive per-query loop of
@@ -51,11 +51,12 @@ GIB = 2 ** 30
 QUICK = dict(embed_dim=64, heads=2, depth=2, prenet=1, student_depth=2, input_size=32, patch_size=8, batch=4,
              warmup=1, steps=2, teacher_batch=2, teacher_reps=2, embed_images=16, embed_batch=8, embed_depth=1,
              embed_input=64, memory=2000, queries=500, search_dim=64, naive_queries=50, jpegs=6, large_jpegs=1,
-             large_size="1600x1200")
+             large_size="1600x1200", text_tokens=32, text_batch=2, audio_seconds=0.5, audio_batch=1)
 DEFAULTS = dict(embed_dim=768, heads=12, depth=10, prenet=2, student_depth=6, input_size=224, patch_size=16,
                 batch=4, warmup=1, steps=3, teacher_batch=4, teacher_reps=3, embed_images=48, embed_batch=16,
                 embed_depth=1, embed_input=224, memory=50_000, queries=10_000, search_dim=768, naive_queries=100,
-                jpegs=64, large_jpegs=4, large_size="4000x3000")
+                jpegs=64, large_jpegs=4, large_size="4000x3000", text_tokens=512, text_batch=2, audio_seconds=10.0,
+                audio_batch=1)
 HELP = dict(embed_dim="model width", heads="attention heads", depth="shared teacher blocks",
             prenet="prenet blocks of the shared encoder", student_depth="student blocks",
             input_size="KD / teacher input size", patch_size="patch size", batch="KD batch size",
@@ -67,7 +68,11 @@ HELP = dict(embed_dim="model width", heads="attention heads", depth="shared teac
             memory="search memory-bank size", queries="search queries", search_dim="embedding size of the search",
             naive_queries="queries the naive search loop is timed on (then extrapolated)",
             jpegs="ImageNet-sized (500x375) JPEGs generated", large_jpegs="large JPEGs generated",
-            large_size="size of the large JPEGs, WxH")
+            large_size="size of the large JPEGs, WxH",
+            text_tokens="tokens per sequence of the text teacher forward (data2vec2 text: 512)",
+            text_batch="sequences per text teacher forward",
+            audio_seconds="clip length of the audio teacher forward (16 kHz)",
+            audio_batch="clips per audio teacher forward")
 SECTIONS = ("kd", "teacher", "retrieval", "data")
 
 
@@ -133,6 +138,44 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def kd_config(s: dict):
+    """The teacher architecture of a KD benchmark: ViT (image), data2vec2 text base or audio base layouts."""
+    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+    from fairseq_mmkd.encoders.text import TextEncoderConfig
+    from fairseq_mmkd.targets import TargetConfig
+
+    modality = s.get("modality", "image")
+    if modality == "image":
+        return vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
+    # nlp_base.pt / base_libri.pt: post-LN, norm_eps 1e-5, no prenet, instance norm per layer, no final LN;
+    # text averages all 12 blocks, audio the top 8 of 12
+    targets = TargetConfig(average_top_k_layers=s["depth"] if modality == "text" else max(1, 2 * s["depth"] // 3),
+                           instance_norm_target_layer=True, layer_norm_targets=False)
+    if modality == "text":
+        encoder = TextEncoderConfig(vocab_size=s["vocab"], max_source_positions=s["tokens"], prenet_depth=0)
+    else:
+        encoder = AudioEncoderConfig(conv_spec=s["conv_spec"], conv_pos_groups=s["conv_pos_groups"], prenet_depth=0,
+                                     alibi_heads=s["heads"], model_depth=s["depth"])
+    return D2vConfig(modality=modality, embed_dim=s["embed_dim"], depth=s["depth"], num_heads=s["heads"],
+                     norm_eps=1e-5, encoder=encoder, targets=targets)
+
+
+def kd_batch(s: dict, generator):
+    """``(source, padding_mask)`` of one KD batch: images, 512-token blocks (no padding, but a mask, as the
+    text pipeline collates them), or audio crops (no padding: crop-to-shortest)."""
+    import torch
+
+    modality = s.get("modality", "image")
+    if modality == "image":
+        return torch.randn(s["batch"], 3, s["input_size"], s["input_size"], generator=generator), None
+    if modality == "text":
+        tokens = torch.randint(4, s["vocab"] - 1, (s["batch"], s["tokens"]), generator=generator)
+        tokens[:, 0] = 0
+        return tokens, torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.randn(s["batch"], int(s["seconds"] * 16000), generator=generator), None
+
+
 def vit_config(embed_dim, heads, depth, prenet, input_size, patch_size):
     from fairseq_mmkd.d2v_model import D2vConfig
     from fairseq_mmkd.encoders.image import ImageEncoderConfig
@@ -166,7 +209,7 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
         from fairseq_mmkd.distill import Distiller
 
         s = sizes
-        cfg = vit_config(s["embed_dim"], s["heads"], s["depth"], s["prenet"], s["input_size"], s["patch_size"])
+        cfg = kd_config(s)
         torch.manual_seed(0)
         teacher = D2vModel(cfg)
         if variant == "ours":
@@ -177,8 +220,8 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
             except (RuntimeError, TypeError, ValueError):
                 opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
 
-            def loss_fn(source):
-                result = distiller.loss(source, cfg.targets, include_extra_tokens=True)
+            def loss_fn(source, padding_mask):
+                result = distiller.loss(source, cfg.targets, include_extra_tokens=True, padding_mask=padding_mask)
                 return result["loss_sum"] / result["sample_size"]
         else:
             # one definition of the baseline (attention, encoder twice, teacher under autograd) for both benches
@@ -191,8 +234,8 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
             opt, opt_kind = torch.optim.AdamW(params, lr=1e-4, foreach=False), "for-loop"
             loss_fn = make_naive_loss_fn(distiller, teacher)
 
-        def step(source):
-            loss = loss_fn(source)
+        def step(batch):
+            loss = loss_fn(*batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -200,7 +243,7 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
 
         distiller.train()
         gen = torch.Generator().manual_seed(1)
-        batches = [torch.randn(s["batch"], 3, s["input_size"], s["input_size"], generator=gen) for _ in range(2)]
+        batches = [kd_batch(s, gen) for _ in range(2)]
         before = reset_peak_rss()
         losses, times = [], []
         conn.send("ready")
@@ -260,28 +303,106 @@ def run_alternating(variants, sizes: dict, rounds: int) -> dict:
     return results
 
 
-def bench_kd(args) -> dict:
-    sizes = {k: getattr(args, k) for k in ("embed_dim", "heads", "depth", "prenet", "student_depth", "input_size",
-                                           "patch_size", "batch", "warmup", "steps")}
+def kd_sizes(args, modality: str) -> dict:
+    """The sizes of one modality's KD benchmark (image: the ViT-B flags; text and audio: their base models)."""
+    common = {k: getattr(args, k) for k in ("embed_dim", "heads", "student_depth", "warmup", "steps")}
+    if modality == "image":
+        return {"modality": "image", **common, **{k: getattr(args, k) for k in
+                                                  ("depth", "prenet", "input_size", "patch_size", "batch")}}
+    depth = args.depth if args.quick else 12  # both released models have 12 shared blocks
+    if modality == "text":
+        return {"modality": "text", **common, "depth": depth, "prenet": 0, "tokens": args.text_tokens,
+                "batch": args.text_batch, "vocab": 64 if args.quick else 50265}
+    spec = ("[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2" if args.quick else
+            "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")
+    return {"modality": "audio", **common, "depth": depth, "prenet": 0, "seconds": args.audio_seconds,
+            "batch": args.audio_batch, "conv_spec": spec, "conv_pos_groups": 2 if args.quick else 16}
+
+
+def kd_flops(s: dict, mlp_ratio: float = 4.0) -> dict:
+    """Model FLOPs of one KD update per sample, the GPU benchmark's model (``bench_gpu.flops_per_image``): teacher
+    forward (encoder + blocks) + 3 x the student's blocks (forward + backward); a multiply-add counts 2."""
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+
+    d, modality = s["embed_dim"], s["modality"]
+    if modality == "image":
+        n = (s["input_size"] // s["patch_size"]) ** 2 + 1
+        encoder = 2 * (n - 1) * 3 * s["patch_size"] ** 2 * d
+    elif modality == "text":
+        n, encoder = s["tokens"], 0  # embedding lookups
+    else:
+        audio = AudioEncoderConfig(conv_spec=s["conv_spec"])
+        length, encoder, c_in = int(s["seconds"] * 16000), 0, 1
+        for dim, kernel, stride in audio.conv_layers:
+            length = (length - kernel) // stride + 1
+            encoder += 2 * length * dim * c_in * kernel
+            c_in = dim
+        n = length
+        encoder += 2 * n * c_in * d  # projection
+        encoder += audio.conv_pos_depth * 2 * n * d * (d // s["conv_pos_groups"]) * audio.conv_pos_kernel
+    block = 2 * n * d * d * (4 + 2 * mlp_ratio) + 2 * 2 * n * n * d
+    teacher = encoder + (s["prenet"] + s["depth"]) * block
+    student = 3 * s["student_depth"] * block
+    return {"tokens": n, "gflop": (teacher + student) / 1e9}
+
+
+def measured_gpu_tflops(path: Path = REPO / "BENCHMARKS.md") -> dict:
+    """Achieved TFLOP/s of the image KD variants in BENCHMARKS.md's GPU section (``eager``, ``compile_step``)."""
+    out = {}
+    text = path.read_text() if path.exists() else ""
+    section = text.split(GPU_BEGIN, 1)[-1].split(GPU_END, 1)[0] if GPU_BEGIN in text else ""
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] in ("eager", "compile_step") and cells[0] not in out:
+            try:
+                out[cells[0]] = float(cells[4])
+            except ValueError:
+                pass
+    return out
+
+
+def bench_kd(args, modality: str = "image") -> dict:
+    sizes = kd_sizes(args, modality)
     results = run_alternating(["ours", "naive"], sizes, args.warmup + args.steps)
     for r in results.values():
         r["step_s"] = min(r["step_times"][args.warmup:])  # other jobs only ever slow a step down
-        r["images_per_s"] = args.batch / r["step_s"]
+        r["images_per_s"] = sizes["batch"] / r["step_s"]
     ours, naive = results["ours"], results["naive"]
     # the two compute the same loss from the same weights and data: a check that the baseline is a fair one
     close = abs(ours["losses"][0] - naive["losses"][0]) <= 1e-3 * max(1.0, abs(ours["losses"][0]))
-    tokens = (args.input_size // args.patch_size) ** 2 + 1
-    print(f"[kd] ours {ours['images_per_s']:.3f} images/s, peak +{ours['peak_bytes'] / GIB:.2f} GiB; naive "
-          f"{naive['images_per_s']:.3f} images/s, peak +{naive['peak_bytes'] / GIB:.2f} GiB; first losses "
+    flops = kd_flops(sizes)
+    print(f"[kd {modality}] ours {ours['images_per_s']:.3f} samples/s, peak +{ours['peak_bytes'] / GIB:.2f} GiB; naive "
+          f"{naive['images_per_s']:.3f} samples/s, peak +{naive['peak_bytes'] / GIB:.2f} GiB; first losses "
           f"{ours['losses'][0]:.6g} / {naive['losses'][0]:.6g}", flush=True)
-    return {"ours": ours, "naive": naive, "same_first_loss": close, "tokens": tokens, "sizes": sizes}
+    return {"ours": ours, "naive": naive, "same_first_loss": close, "tokens": flops["tokens"], "sizes": sizes,
+            "gflop_per_sample": flops["gflop"]}
 
 
 # ------------------------------------------------------------------------------------------------------
 # Teacher forward vs fairseq
 # ------------------------------------------------------------------------------------------------------
 
-def bench_teacher(args) -> dict:
+def _time_pair(run_ours, run_fairseq, reps: int) -> dict:
+    """Fastest of ``reps`` alternating calls of each (load from other processes hits both alike), and the
+    largest difference of their outputs."""
+    import torch
+
+    times = {"ours": [], "fairseq": []}
+    with torch.no_grad():
+        outs = {"ours": run_ours(), "fairseq": run_fairseq()}  # warm-up, and the outputs compared
+        for _ in range(reps):
+            for name, fn in (("fairseq", run_fairseq), ("ours", run_ours)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {"ours_s": min(times["ours"]), "fairseq_s": min(times["fairseq"]),
+            "max_abs_diff": (outs["ours"] - outs["fairseq"]).abs().max().item(),
+            "out_abs_max": outs["fairseq"].abs().max().item(), "times": times}
+
+
+def _teacher_pair(modality: str, **overrides):
+    """fairseq's ``Data2VecMultiModel`` from the released base config of ``modality`` (``tests/fairseq_reference``)
+    and ``D2vModel`` with the same weights, both in eval mode."""
     import torch
     from omegaconf import OmegaConf
 
@@ -291,46 +412,63 @@ def bench_teacher(args) -> dict:
     from fairseq import tasks
     from fairseq_mmkd.d2v_model import D2vConfig, D2vModel
 
-    cfg = make_config(embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
-                      average_top_k_layers=min(10, args.depth), input_size=args.input_size,
-                      patch_size=args.patch_size, prenet_depth=args.prenet)
+    cfg = make_config(modality, **overrides)
     torch.manual_seed(0)
     fairseq_model = tasks.setup_task(cfg.task).build_model(cfg.model).eval()
-    ours = D2vModel(D2vConfig.from_fairseq(OmegaConf.to_container(cfg.model, resolve=True))).eval()
     online = {k: v for k, v in fairseq_model.state_dict().items() if k != "_ema"}
-    mapped = {k: online["modality_encoders.IMAGE." + k[len("encoder."):] if k.startswith("encoder.") else k]
-              for k in ours.state_dict()}
-    ours.load_state_dict(mapped, strict=True)
+    ours = D2vModel(D2vConfig.from_fairseq(OmegaConf.to_container(cfg.model, resolve=True), modality,
+                                           state=online)).eval()
+    prefix = f"modality_encoders.{modality.upper()}."
+    ours.load_state_dict({k: online[prefix + k[len("encoder."):] if k.startswith("encoder.") else k]
+                          for k in ours.state_dict()}, strict=True)
+    return fairseq_model, ours
 
+
+def bench_teacher(args) -> dict:
+    """Teacher forward, ours vs fairseq's, for the image, text and audio base configs (same weights)."""
+    import torch
+
+    results = {}
+    fairseq_model, ours = _teacher_pair("image", embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
+                                        average_top_k_layers=min(10, args.depth), input_size=args.input_size,
+                                        patch_size=args.patch_size, prenet_depth=args.prenet)
     images = torch.randn(args.teacher_batch, 3, args.input_size, args.input_size,
                          generator=torch.Generator().manual_seed(0))
+    results["image"] = _time_pair(
+        lambda: ours(images)["x"],
+        lambda: fairseq_model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)["x"],
+        args.teacher_reps)
+    results["image"].update(batch=args.teacher_batch, what=f"image, {args.input_size} px, D={args.embed_dim}, "
+                                                           f"{args.prenet} prenet + {args.depth} blocks")
 
-    def run_fairseq():
-        return fairseq_model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)["x"]
+    quick = dict(embed_dim=args.embed_dim, num_heads=args.heads, depth=args.depth,
+                 average_top_k_layers=args.depth) if args.quick else {}
+    fairseq_model, ours = _teacher_pair("text", max_source_positions=args.text_tokens, **quick)
+    tokens = torch.randint(4, 30, (args.text_batch, args.text_tokens), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    results["text"] = _time_pair(
+        lambda: ours(tokens, mask)["x"],
+        lambda: fairseq_model(tokens, mode="TEXT", padding_mask=mask, mask=False, features_only=True)["x"],
+        args.teacher_reps)
+    results["text"].update(batch=args.text_batch, what=f"text, {args.text_tokens} tokens, "
+                                                       f"D={ours.cfg.embed_dim}, {ours.cfg.depth} blocks")
 
-    def run_ours():
-        return ours(images)["x"]
+    audio_quick = dict(quick, feature_encoder_spec="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2",
+                       conv_pos_groups=2) if args.quick else {}
+    fairseq_model, ours = _teacher_pair("audio", **audio_quick)
+    samples = torch.randn(args.audio_batch, int(args.audio_seconds * 16000), generator=torch.Generator().manual_seed(0))
+    results["audio"] = _time_pair(
+        lambda: ours(samples)["x"],
+        lambda: fairseq_model(samples, mode="AUDIO", mask=False, features_only=True)["x"],
+        args.teacher_reps)
+    results["audio"].update(batch=args.audio_batch, what=f"audio, {args.audio_seconds:g} s clips at 16 kHz, "
+                                                         f"D={ours.cfg.embed_dim}, {ours.cfg.depth} blocks")
+    for name, r in results.items():
+        print(f"[teacher {name}] ours {r['ours_s']:.3f} s, fairseq {r['fairseq_s']:.3f} s per batch of {r['batch']}; "
+              f"max |diff| {r['max_abs_diff']:.2e}", flush=True)
+    return results
 
-    times = {"ours": [], "fairseq": []}
-    with torch.no_grad():
-        outs = {"ours": run_ours(), "fairseq": run_fairseq()}  # warm-up, and the outputs compared
-        for _ in range(args.teacher_reps):  # alternate, so load from other processes hits both alike
-            for name, fn in (("fairseq", run_fairseq), ("ours", run_ours)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    diff = (outs["ours"] - outs["fairseq"]).abs().max().item()
-    result = {"ours_s": min(times["ours"]), "fairseq_s": min(times["fairseq"]),
-              "max_abs_diff": diff, "out_abs_max": outs["fairseq"].abs().max().item(), "batch": args.teacher_batch,
-              "times": times}
-    print(f"[teacher] ours {result['ours_s']:.3f} s, fairseq {result['fairseq_s']:.3f} s per batch of "
-          f"{args.teacher_batch}; max |diff| {diff:.2e}", flush=True)
-    return result
-
-
-# ------------------------------------------------------------------------------------------------------
-# Retrieval: embedding and search
-# ------------------------------------------------------------------------------------------------------
 
 def bench_embedding(args) -> dict:
     import torch
@@ -518,17 +656,42 @@ def render(res: dict, args, command: str) -> str:
                      f"(naive) | {ratio(o['images_per_s'], n['images_per_s'])} |")
         lines.append(f"| {what}: peak memory (RSS growth over the steps) | {o['peak_bytes'] / GIB:.2f} GiB | "
                      f"{n['peak_bytes'] / GIB:.2f} GiB (naive) | {ratio(n['peak_bytes'], o['peak_bytes'])} less |")
+        gpu = measured_gpu_tflops(Path(args.output)) or measured_gpu_tflops()
+        for name, unit in (("kd_text", "sequences/s"), ("kd_audio", "clips/s")):
+            if name not in res:
+                continue
+            r, z = res[name], res[name]["sizes"]
+            what = (f"KD update, {z['modality']} ({'conv extractor + ' if z['modality'] == 'audio' else ''}"
+                    f"{z['depth']} teacher / {z['student_depth']} student blocks)")
+            shape = (f"{z['tokens']}-token blocks" if z["modality"] == "text" else f"{z['seconds']:g} s crops "
+                     f"({r['tokens']} frames)")
+            o, n = r["ours"], r["naive"]
+            lines.append(f"| {what}, D={z['embed_dim']}, {shape}, batch {z['batch']}: throughput | "
+                         f"{o['images_per_s']:.3f} {unit} | {n['images_per_s']:.3f} {unit} (naive) | "
+                         f"{ratio(o['images_per_s'], n['images_per_s'])} |")
+            lines.append(f"| {what}: peak memory | {o['peak_bytes'] / GIB:.2f} GiB | {n['peak_bytes'] / GIB:.2f} GiB "
+                         f"(naive) | {ratio(n['peak_bytes'], o['peak_bytes'])} less |")
+            if gpu:
+                projected = ", ".join(f"{v * 1e3 / r['gflop_per_sample']:,.0f} {unit} at the image run's {k} rate "
+                                      f"({v:g} TFLOP/s)" for k, v in gpu.items())
+                notes.append(f"{what}: {r['gflop_per_sample']:.1f} GFLOP per sample by the GPU benchmark's FLOP "
+                             f"model; expected on the H200 of the GPU section: {projected} (a projection, not a "
+                             "measurement)")
+            notes.append(f"{what}: same first loss as the naive baseline: {r['same_first_loss']}")
         notes.append(f"KD: fastest of {s['steps']} timed steps after {s['warmup']} warm-up, the two processes taking "
                      f"turns (OMP_WAIT_POLICY=PASSIVE); AdamW {o['optimizer']} vs "
                      f"{n['optimizer']}; naive = encoder twice, teacher with autograd, manual-softmax attention, "
                      f"fp32 (both fp32 here); same first loss: {k['same_first_loss']} "
                      f"({o['losses'][0]:.6g} vs {n['losses'][0]:.6g})")
     if "teacher" in res:
-        t = res["teacher"]
-        lines.append(f"| Teacher forward vs fairseq `Data2VecMultiModel`, same weights, batch {t['batch']} | "
-                     f"{t['ours_s']:.3f} s | {t['fairseq_s']:.3f} s (fairseq) | {ratio(t['fairseq_s'], t['ours_s'])} |")
-        lines.append(f"| Teacher forward: max abs difference of the last layer output | {t['max_abs_diff']:.2e} | "
-                     f"(outputs up to {t['out_abs_max']:.2f}) | - |")
+        for name, t in res["teacher"].items():
+            lines.append(f"| Teacher forward vs fairseq `Data2VecMultiModel`, {t['what']}, same weights, batch "
+                         f"{t['batch']} | {t['ours_s']:.3f} s | {t['fairseq_s']:.3f} s (fairseq) | "
+                         f"{ratio(t['fairseq_s'], t['ours_s'])} |")
+            lines.append(f"| Teacher forward ({name}): max abs difference of the last layer output | "
+                         f"{t['max_abs_diff']:.2e} | (outputs up to {t['out_abs_max']:.2f}) | - |")
+        notes.append("Teacher forward: the image teacher calls scaled_dot_product_attention without a mask (as before "
+                     "text and audio arrived); text passes a key padding mask, audio the fp32 ALiBi bias")
     if "embedding" in res:
         e = res["embedding"]
         lines.append(f"| Retrieval embedding, 32 px uint8 -> {e['input_size']} px, D={e['embed_dim']} "
@@ -603,6 +766,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if "kd" not in args.skip:
         res["kd"] = bench_kd(args)
+        res["kd_text"] = bench_kd(args, "text")
+        res["kd_audio"] = bench_kd(args, "audio")
     if "teacher" not in args.skip:
         res["teacher"] = bench_teacher(args)
     if "retrieval" not in args.skip:

@@ -295,12 +295,17 @@ def make_loss_fn(distiller: Distiller, variant: str, device: torch.device, low: 
     return whole_forward if variant == "eager_forward" else split
 
 
-def manual_softmax_attention(self, x):
-    """The naive baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses)."""
+def manual_softmax_attention(self, x, attn_mask=None):
+    """The naive baseline's attention: explicit scores, softmax, weighted sum (what SDPA fuses); a padding
+    mask or an additive bias (text, audio) is applied to the explicit scores."""
     B, N, C = x.shape
     h = self.num_heads
     q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = ((q * (C // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    scores = (q * (C // h) ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores.float() + attn_mask)
+    attn = scores.softmax(dim=-1).to(v.dtype)
     return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
 
 
@@ -308,11 +313,13 @@ def make_naive_loss_fn(distiller: Distiller, teacher: D2vModel):
     """Teacher (trainable weights, so autograd keeps its graph) and encoder-again-for-the-student, fp32."""
     target_cfg = distiller.cfg.targets
 
-    def naive(source):
-        teacher_out = teacher(source)
-        student = distiller.run_student(distiller.shared_encoder(source))
+    def naive(source, padding_mask=None):
+        teacher_out = teacher(source, padding_mask)
+        enc = distiller.shared_encoder(source, padding_mask)
+        student = distiller.run_student(enc)
         out = {"teacher_layer_results": teacher_out["layer_results"],
-               "student_layer_results": student["layer_results"], "student_x": student["x"]}
+               "student_layer_results": student["layer_results"], "student_x": student["x"],
+               "padding_mask": enc.padding_mask}
         result = distillation_loss(distiller, out, target_cfg, include_extra_tokens=True)
         return result["loss_sum"] / result["sample_size"]
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-# The plugin next to this README, not whichever copy the environment has installed (a git worktree shares
-# its virtual environment's editable install with the main checkout).
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # document this checkout's plugin, not another installed copy
+    sys.path.insert(0, str(REPO))
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
@@ -36,14 +35,16 @@ def reference() -> str:
     from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
     from fairseq_mmkd.kd_model import D2vKDModelConfig
     from fairseq_mmkd.kd_task import D2vKDTaskConfig
+    from fairseq_mmkd.optim import TorchAdamWConfig
 
     out = []
-    for section, cls in (("task", D2vKDTaskConfig), ("model", D2vKDModelConfig),
-                         ("criterion", D2vKDCriterionConfig)):
-        out += [f"**`{section}`** (`_name: d2v_kd`, `{cls.__module__}.{cls.__name__}`)", "",
+    for section, name, cls in (("task", "d2v_kd", D2vKDTaskConfig), ("model", "d2v_kd", D2vKDModelConfig),
+                               ("criterion", "d2v_kd", D2vKDCriterionConfig),
+                               ("optimizer", "torch_adamw", TorchAdamWConfig)):
+        out += [f"**`{section}`** (`_name: {name}`, `{cls.__module__}.{cls.__name__}`)", "",
                 "| option | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            if f.name.startswith("_"):
+            if f.name.startswith("_") or (section == "optimizer" and f.name == "lr"):  # lr: optimization.lr
                 continue
             meaning = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
             out.append(f"| `{section}.{f.name}` | {_default(f)} | {meaning} |")

@@ -80,6 +80,45 @@ def write_tiny_cifar(root: Path, name: str, classes: int, n_train: int = 40, n_t
     return root
 
 
+def write_text_corpus(dest: Path, lines, srcdict=None, split: str = "train") -> str:
+    """``lines`` binarized by the real ``fairseq-preprocess --only-source`` into ``dest`` (``dict.txt``,
+    ``<split>.bin/.idx``); with ``srcdict`` the given dictionary is used instead of one built from the text."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    raw = dest.parent / f"{dest.name}.{split}.txt"
+    raw.write_text("".join(f"{line}\n" for line in lines))
+    cmd = [str(BIN / "fairseq-preprocess"), "--only-source", f"--{split}pref", str(raw), "--destdir", str(dest),
+           "--workers", "1", *(["--srcdict", str(srcdict)] if srcdict else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise AssertionError(f"fairseq-preprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return str(dest)
+
+
+def write_audio_manifest(folder: Path, lengths, rate: int = 16000, seed: int = 0, split: str = "train",
+                         labels=None) -> Path:
+    """FLAC clips of the given lengths (class-dependent tones plus noise) and a wav2vec manifest
+    ``<split>.tsv`` listing them (root on the first line); with ``labels``, also ``<split>.label``."""
+    import soundfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = [str(folder)]
+    for i, n in enumerate(lengths):
+        t = np.arange(n) / rate
+        pitch = 200 + 150 * (labels[i] if labels is not None else i)
+        wav = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.05 * rng.standard_normal(n)
+        name = f"{split}_clip_{i}.flac" if split != "train" else f"clip_{i}.flac"
+        soundfile.write(folder / name, wav.astype(np.float32), rate)
+        rows.append(f"{name}\t{n}")
+    (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    if labels is not None:
+        (folder / f"{split}.label").write_text("".join(f"{label}\n" for label in labels))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     return make_teacher(tmp_path_factory.mktemp("teacher") / "tiny_d2v2.pt")

@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,10 +45,50 @@ SMALL = {
     "model.modalities.image.decoder.decoder_layers": 2,
 }
 
-# Short names accepted by build_reference_model / write_reference_checkpoint, mapped to config keys.
-_IMAGE_KEYS = ("input_size", "patch_size", "prenet_depth", "num_extra_tokens", "ema_local_encoder",
-               "in_chans", "init_extra_token_zero")
-_CONFIG_NAME = "base_images_only_task"
+# The same for text (base_text_only_task.yaml: post-LN, no prenet, FFN targets, instance norm per layer,
+# average of every block, EMA of the blocks only) and audio (base_audio_only_task.yaml: conv extractor in
+# layer_norm mode, conv positions, ALiBi with a learned per-head scale, no prenet, top-k < depth).
+SMALL_TEXT = {
+    "embed_dim": 32,
+    "num_heads": 4,
+    "depth": 3,
+    "average_top_k_layers": 3,
+    "max_source_positions": 24,
+    "model.clone_batch": 2,
+    "model.modalities.text.decoder.decoder_dim": 16,
+    "model.modalities.text.decoder.decoder_layers": 2,
+    "model.modalities.text.decoder.decoder_kernel": 3,
+}
+SMALL_AUDIO = {
+    "embed_dim": 32,
+    "num_heads": 4,
+    "depth": 3,
+    "average_top_k_layers": 2,
+    "feature_encoder_spec": "[(32, 10, 5)] + [(32, 3, 2)] * 2",
+    "conv_pos_depth": 2,
+    "conv_pos_width": 10,
+    "conv_pos_groups": 4,
+    "model.clone_batch": 2,
+    "model.modalities.audio.decoder.decoder_dim": 16,
+    "model.modalities.audio.decoder.decoder_groups": 4,
+    "model.modalities.audio.decoder.decoder_layers": 2,
+}
+TEXT_VOCAB = 30  # symbols in the test dict.txt; fairseq adds <s> <pad> </s> <unk> and <mask>: V = 35
+
+# Per modality: released config, small sizes, and the short names that are keys of model.modalities.<m>.
+MODALITIES = {
+    "image": dict(config="base_images_only_task", small=SMALL, mode="IMAGE",
+                  keys=("input_size", "patch_size", "prenet_depth", "num_extra_tokens", "ema_local_encoder",
+                        "in_chans", "init_extra_token_zero")),
+    "text": dict(config="base_text_only_task", small=SMALL_TEXT, mode="TEXT",
+                 keys=("prenet_depth", "num_extra_tokens", "max_source_positions", "no_scale_embedding",
+                       "layernorm_embedding")),
+    "audio": dict(config="base_audio_only_task", small=SMALL_AUDIO, mode="AUDIO",
+                  keys=("prenet_depth", "num_extra_tokens", "feature_encoder_spec", "extractor_mode",
+                        "conv_pos_depth", "conv_pos_width", "conv_pos_groups", "conv_pos_pre_ln",
+                        "learned_alibi_scale_per_head", "learned_alibi_scale_per_layer", "use_alibi_encoder",
+                        "ema_local_encoder", "alibi_scale")),
+}
 
 _cache: dict = {}
 
@@ -108,37 +149,52 @@ def _patch_for_python311(root: Path) -> None:
                            "fairseq's examples/data2vec changed, check the patch")
 
 
-def _config_overrides(overrides: dict) -> dict:
+def _config_overrides(overrides: dict, modality: str = "image") -> dict:
     """Expand short names (``depth``, ``patch_size``, ...) into dotted fairseq config keys."""
+    spec = MODALITIES[modality]
     out = {}
-    for key, value in {**SMALL, **overrides}.items():
+    for key, value in {**spec["small"], **overrides}.items():
         if "." in key:
             out[key] = value
         elif key == "embed_dim":  # model and modality dims equal, as in every released model
             out["model.embed_dim"] = value
-            out["model.modalities.image.embed_dim"] = value
+            if modality == "image":
+                out["model.modalities.image.embed_dim"] = value
         elif key == "image_embed_dim":  # a differing modality dim adds a Linear after the patch embedding
             out["model.modalities.image.embed_dim"] = value
-        elif key in _IMAGE_KEYS:
-            out[f"model.modalities.image.{key}"] = value
+        elif key in spec["keys"]:
+            out[f"model.modalities.{modality}.{key}"] = value
             if key == "input_size":
                 out["task.input_size"] = value
+            if key == "max_source_positions":
+                out["task.tokens_per_sample"] = value
         else:
             out[f"model.{key}"] = value
     if "image_embed_dim" in overrides:
         out["model.modalities.image.embed_dim"] = overrides["image_embed_dim"]
-    if out["model.modalities.image.num_extra_tokens"] == 0:
+    if modality == "image" and out["model.modalities.image.num_extra_tokens"] == 0:
         out.setdefault("model.cls_loss", 0.0)  # fairseq asserts a CLS token when cls_loss > 0
     return out
 
 
-def make_config(**overrides):
-    """The full fairseq config a ``fairseq-hydra-train --config-name base_images_only_task`` run gets.
+def text_dictionary_dir() -> str:
+    """A folder with a fairseq ``dict.txt`` of ``TEXT_VOCAB`` symbols: what ``masked_lm`` builds its dictionary
+    (and data2vec2's TextEncoder its vocabulary size) from."""
+    if "dict_dir" not in _cache:
+        folder = tempfile.mkdtemp(prefix="fairseq_d2v_text_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        Path(folder, "dict.txt").write_text("".join(f"w{i} {1000 - i}\n" for i in range(TEXT_VOCAB)))
+        _cache["dict_dir"] = folder
+    return _cache["dict_dir"]
+
+
+def make_config(modality: str = "image", **overrides):
+    """The full fairseq config a ``fairseq-hydra-train --config-name base_<modality>_only_task`` run gets.
 
     It is composed by hydra from the released yaml on top of ``FairseqConfig`` (fairseq's
-    ``hydra_init`` schema), completed by ``add_defaults`` (every ``Data2VecMultiConfig`` and
-    ``MaeImagePretrainingConfig`` field), then the overrides are applied and everything is resolved, as
-    ``fairseq_cli.hydra_train`` does. Overrides take short names (see ``SMALL``) or dotted config keys.
+    ``hydra_init`` schema), completed by ``add_defaults`` (every ``Data2VecMultiConfig`` and task
+    field), then the overrides are applied and everything is resolved, as ``fairseq_cli.hydra_train``
+    does. Overrides take short names (see ``SMALL``, ``SMALL_TEXT``, ``SMALL_AUDIO``) or dotted config keys.
     """
     ref = import_reference()
     from fairseq.dataclass.initialize import add_defaults, hydra_init
@@ -146,8 +202,9 @@ def make_config(**overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    if "yaml" not in _cache:
-        hydra_init(_CONFIG_NAME)
+    name = MODALITIES[modality]["config"]
+    if ("yaml", name) not in _cache:
+        hydra_init(name)
         # version_base 1.1 is what fairseq's `@hydra.main` (no version_base) gets; with newer semantics
         # the yaml's `# @package _group_` header would nest everything under a literal `_group_` key.
         with initialize_config_dir(config_dir=str(ref.root / "config" / "v2"), version_base="1.1"), \
@@ -155,16 +212,24 @@ def make_config(**overrides):
             # fairseq relies on hydra matching the yaml to the schema stored under the same name, which
             # hydra >= 1.1 still does but warns about; the warning is about hydra's future, not this test
             warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema")
-            composed = compose(_CONFIG_NAME)
+            composed = compose(name)
         # composed once; kept unresolved so each config resolves its own overrides (${model.depth}, ...)
-        _cache["yaml"] = OmegaConf.to_container(composed, resolve=False)
-    cfg = OmegaConf.create(_cache["yaml"])
+        _cache[("yaml", name)] = OmegaConf.to_container(composed, resolve=False)
+    cfg = OmegaConf.create(_cache[("yaml", name)])
     add_defaults(cfg)
     settings = {"common.fp16": False, "common.cpu": True, "common.user_dir": str(ref.root),
+                "common.tensorboard_logdir": None,
                 "distributed_training.distributed_world_size": 1, "task.data": "/unused",
-                "task.local_cache_path": None, "optimization.max_update": 100,
-                "optimizer.groups.default.lr_scheduler.warmup_updates": 2, "dataset.num_workers": 0,
-                **_config_overrides(overrides)}
+                "optimization.max_update": 100, "dataset.num_workers": 0}
+    if modality == "image":
+        settings["task.local_cache_path"] = None
+    if modality == "text":
+        settings["task.data"] = text_dictionary_dir()
+    if "groups" in (cfg.optimizer or {}):  # composite optimizer (image, text): its own scheduler
+        settings["optimizer.groups.default.lr_scheduler.warmup_updates"] = 2
+    else:
+        settings["lr_scheduler.warmup_updates"] = 2
+    settings.update(_config_overrides(overrides, modality))
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=True)
     with omegaconf_no_object_check():
@@ -212,8 +277,48 @@ def _online_to_ema_(model) -> None:
     model.ema.build_fp32_params()
 
 
+def config_modality(cfg) -> str:
+    """``"image"``, ``"text"`` or ``"audio"``: the modality a reference config (full or ``model`` section) or
+    reference model builds."""
+    model_cfg = cfg.cfg if hasattr(cfg, "modality_encoders") else getattr(cfg, "model", cfg)
+    return str(model_cfg.supported_modality).split(".")[-1].lower()
+
+
+def text_batch(model_cfg, batch_size: int, generator, lengths=None) -> dict:
+    """Token ids as masked_lm's d2v2 dataset collates them: ``<s>`` then words, right-padded with ``<pad>``.
+    ``model_cfg``: the config's ``model`` section (a reference model's ``.cfg``)."""
+    length = model_cfg.modalities.text.max_source_positions
+    lengths = lengths or [length] * batch_size
+    tokens = torch.randint(4, 4 + TEXT_VOCAB, (batch_size, max(lengths)), generator=generator)
+    tokens[:, 0] = 0  # <s>
+    padding_mask = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    tokens[padding_mask] = 1  # <pad>
+    return {"source": tokens, "padding_mask": padding_mask}
+
+
+def audio_batch(model_cfg, batch_size: int, generator, lengths=None, samples: int = 2000) -> dict:
+    """Normalised-looking samples; ``lengths`` right-pads with zeros and a sample-level mask, as fairseq's
+    ``RawAudioDataset`` collater does with ``pad=True``."""
+    lengths = lengths or [samples] * batch_size
+    source = torch.randn(batch_size, max(lengths), generator=generator)
+    padding_mask = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    source[padding_mask] = 0.0
+    out = {"source": source}
+    if len(set(lengths)) > 1:
+        out["padding_mask"] = padding_mask
+    return out
+
+
 def _training_batch(cfg, batch_size, generator):
-    """One batch as ``MaeImageDataset`` collates it: images plus block masks precomputed per clone."""
+    """One training batch as the modality's pretraining dataset collates it (image: images plus block masks
+    precomputed per clone; text: token blocks; audio: equal-length crops, masks drawn by the model)."""
+    modality = config_modality(cfg)
+    ids = torch.arange(batch_size)
+    if modality == "text":
+        return {"id": ids, "net_input": {**text_batch(cfg.model, batch_size, generator), "id": ids}}
+    if modality == "audio":
+        return {"id": ids, "net_input": {**audio_batch(cfg.model, batch_size, generator), "id": ids}}
+
     from fairseq.data.data_utils import compute_block_mask_2d
 
     img = cfg.model.modalities.image
@@ -224,11 +329,11 @@ def _training_batch(cfg, batch_size, generator):
                                  inverse_mask=m.inverse_mask, require_same_masks=True,
                                  mask_dropout=m.mask_dropout)
     source = torch.randn(batch_size, img.in_chans, img.input_size, img.input_size, generator=generator)
-    return {"id": torch.arange(batch_size), "net_input": {"source": source, "precomputed_mask": mask}}
+    return {"id": ids, "net_input": {"source": source, "precomputed_mask": mask}}
 
 
-def build_reference_trainer(seed: int = 0, **overrides):
-    """A fairseq ``Trainer`` around a small image-only ``Data2VecMultiModel`` built from ``make_config``.
+def build_reference_trainer(seed: int = 0, modality: str = "image", **overrides):
+    """A fairseq ``Trainer`` around a small single-modality ``Data2VecMultiModel`` built from ``make_config``.
 
     The online weights get deterministic noise (so LayerNorm affines and biases are away from their
     initial 1/0 and every parameter matters), then the EMA teacher is initialised from them as fairseq
@@ -238,7 +343,7 @@ def build_reference_trainer(seed: int = 0, **overrides):
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
-    cfg = make_config(**overrides)
+    cfg = make_config(modality, **overrides)
     torch.manual_seed(seed)
     np.random.seed(seed)  # fairseq draws masks with numpy
     task = tasks.setup_task(cfg.task)
@@ -264,8 +369,8 @@ def train_reference(trainer, steps: int, seed: int = 0):
     return model.eval()
 
 
-def build_reference_model(seed: int = 0, train_steps: int = 0, **overrides):
-    """A real fairseq ``Data2VecMultiModel`` (image only, small), online and EMA weights differing.
+def build_reference_model(seed: int = 0, train_steps: int = 0, modality: str = "image", **overrides):
+    """A real fairseq ``Data2VecMultiModel`` (one modality, small), online and EMA weights differing.
 
     Args:
         seed: seeds weights, noise and training data.
@@ -273,13 +378,13 @@ def build_reference_model(seed: int = 0, train_steps: int = 0, **overrides):
         overrides: short names (``depth``, ``layer_norm_first``, ``patch_size``, ...; see ``SMALL``) or
             dotted config keys (``model.clone_batch``).
     """
-    trainer = build_reference_trainer(seed=seed, **overrides)
+    trainer = build_reference_trainer(seed=seed, modality=modality, **overrides)
     with _fresh_fairseq_metrics():
         return train_reference(trainer, train_steps, seed)
 
 
 def write_reference_checkpoint(path, seed: int = 0, train_steps: int = 1, numpy_metrics: bool = True,
-                               **overrides):
+                               modality: str = "image", **overrides):
     """Train a small reference model for ``train_steps`` and save it exactly as fairseq's trainer does.
 
     The file is written by ``Trainer.save_checkpoint`` (after ``consolidate_optimizer``, as
@@ -291,7 +396,7 @@ def write_reference_checkpoint(path, seed: int = 0, train_steps: int = 1, numpy_
     Returns:
         the reference ``Data2VecMultiModel`` in eval mode, holding the saved weights.
     """
-    trainer = build_reference_trainer(seed=seed, **overrides)
+    trainer = build_reference_trainer(seed=seed, modality=modality, **overrides)
     with _fresh_fairseq_metrics() as metrics:
         with metrics.aggregate("train"), metrics.aggregate("train_inner"):
             model = train_reference(trainer, train_steps, seed)
@@ -322,26 +427,37 @@ def _capture_blocks(blocks):
     return record, handles
 
 
-def reference_outputs(model, images: torch.Tensor, weights: str = "model") -> dict:
-    """fairseq's own outputs for ``images``, in the layout of ``fairseq_mmkd.D2vModel``'s outputs.
+def reference_outputs(model, source: torch.Tensor, weights: str = "model",
+                      padding_mask: Optional[torch.Tensor] = None) -> dict:
+    """fairseq's own outputs for ``source``, in the layout of ``fairseq_mmkd.D2vModel``'s outputs.
 
     ``weights="model"`` runs the student feature path (``features_only``, no mask, extra tokens kept).
     ``weights="ema"`` runs fairseq's full pretraining forward (masking, decoder, loss) and records what
     its EMA teacher computes: the input of the first EMA block, every EMA block's output and target,
     and the targets fairseq's ``make_targets`` builds from them with the checkpoint's settings.
+    ``padding_mask`` (text: tokens, audio: samples; True at padding) goes to fairseq's forward as is.
 
     Returns:
         dict with ``encoder_out``, ``layer_results``, ``block_out`` (extra tokens included), ``targets``
-        (extra tokens excluded) and, for ``"model"``, ``x`` (after the final norm of pre-LN models).
+        (extra tokens excluded), ``padding_mask`` (sequence resolution, as the blocks saw it) and, for
+        ``"model"``, ``x`` (after the final norm of pre-LN models).
     """
     model.eval()
-    n_extra = model.modality_encoders["IMAGE"].modality_cfg.num_extra_tokens
+    mode = str(model.cfg.supported_modality).split(".")[-1]
+    n_extra = model.modality_encoders[mode].modality_cfg.num_extra_tokens
     out = {}
+    block_masks = []
+
+    def record_mask(_module, _args, kwargs):
+        block_masks.append(kwargs.get("padding_mask"))
+
     with torch.no_grad():
         if weights == "model":
             record, handles = _capture_blocks(model.blocks)
+            handles.append(model.blocks[0].register_forward_pre_hook(record_mask, with_kwargs=True))
             try:
-                res = model(images, mode="IMAGE", mask=False, features_only=True, remove_extra_tokens=False)
+                res = model(source, mode=mode, padding_mask=padding_mask, mask=False, features_only=True,
+                            remove_extra_tokens=False)
             finally:
                 for h in handles:
                     h.remove()
@@ -351,7 +467,9 @@ def reference_outputs(model, images: torch.Tensor, weights: str = "model") -> di
             assert all(torch.equal(a, b[1]) for a, b in zip(res["layer_results"], record["outputs"]))
         elif weights == "ema":
             teacher = model.ema.model
-            record, handles = _capture_blocks(teacher if model.cfg.ema_encoder_only else teacher.blocks)
+            blocks = teacher if model.cfg.ema_encoder_only else teacher.blocks
+            record, handles = _capture_blocks(blocks)
+            handles.append(blocks[0].register_forward_pre_hook(record_mask, with_kwargs=True))
             targets = []
 
             def make_targets(y, num_layers):
@@ -360,7 +478,7 @@ def reference_outputs(model, images: torch.Tensor, weights: str = "model") -> di
 
             model.make_targets = make_targets
             try:
-                model(images, mode="IMAGE", id=torch.arange(images.shape[0]))
+                model(source, mode=mode, padding_mask=padding_mask, id=torch.arange(source.shape[0]))
             finally:
                 del model.make_targets
                 for h in handles:
@@ -371,6 +489,8 @@ def reference_outputs(model, images: torch.Tensor, weights: str = "model") -> di
     out["encoder_out"] = record["input"]
     out["block_out"] = [o for o, _ in record["outputs"]]
     out["layer_results"] = [t for _, t in record["outputs"]]
+    pm = block_masks[0] if block_masks else None
+    out["padding_mask"] = pm if pm is not None and bool(pm.any()) else None
     return out
 
 

@@ -9,7 +9,8 @@ end-of-epoch save that file is ``checkpoint_last.pt`` itself. At an interval sav
 ``PathManager.copy`` = ``shutil.copyfile``, in place: a kill during that copy leaves a truncated
 ``checkpoint_last.pt`` and every restart fails to load it. The plugin makes that copy atomic
 (``fairseq_mmkd.guards.install_checkpoint_file_guards``); ``test_checkpoint_copy_is_atomic`` shows both
-behaviours.
+behaviours. The plugin also writes the first file itself (same ``.tmp`` + rename, plus an fsync) so that a
+failed write can be cleaned up (``tests/test_save_dir.py``).
 
 Why the resumed run is exact, although fairseq resumes mid-epoch from interval checkpoints: the checkpoint
 records the position in the epoch (fairseq skips the batches already consumed), every epoch's shuffle is
@@ -274,14 +275,19 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
 
 
 def test_partial_checkpoints_are_removed_when_a_run_starts(tmp_path):
-    import fairseq_mmkd  # noqa: F401
-    from fairseq import checkpoint_utils
+    """Cleaned up once the new run holds the folder's lock (never while another run might be writing them)."""
+    from omegaconf import OmegaConf
+
+    from fairseq_mmkd import save_dir
 
     (tmp_path / "checkpoint_last.pt.tmp").write_bytes(b"half")
     (tmp_path / "checkpoint_3_12.pt.tmp").write_bytes(b"half")
     (tmp_path / "notes.tmp").write_bytes(b"not ours")
-    checkpoint_utils.verify_checkpoint_directory(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]
+    cfg = OmegaConf.create({"checkpoint": {"save_dir": str(tmp_path), "restore_file": "checkpoint_last.pt",
+                                           "reset_optimizer": False, "reset_dataloader": False},
+                            "optimization": {"max_update": 10, "max_epoch": 0}})
+    save_dir.claim(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", save_dir.LOCK_NAME]
 
 
 def test_sigkill_at_random_moments_resumes_exactly(tmp_path, tiny_teacher, photo_folder):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 
 from conftest import BIN, hydra_train, json_log_lines
@@ -23,17 +24,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(tmp_path, tiny_teacher, photo_folder, tiny_cifar):
+COMMON = ["optimization.max_update=12", "dataset.validate_interval_updates=12", "model.student_init=random",
+          "dataset.batch_size=4"]
+
+
+def launcher() -> list:
+    return [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
+    """The same training as one process and as two (per-process batch 4: two workers, or one worker
+    accumulating 2 batches per update)."""
+    tmp = tmp_path_factory.mktemp("distributed")
     common = [f"task.data={photo_folder}", f"model.teacher_checkpoint={tiny_teacher}",
-              f"task.cifar10_root={tiny_cifar}", f"task.cifar100_root={tiny_cifar}",
-              "optimization.max_update=12", "dataset.validate_interval_updates=12", "model.student_init=random",
-              "dataset.batch_size=4"]
-    # per-process batch 4: two workers, or one worker accumulating 2 batches per update
-    one = hydra_train(tmp_path / "one", *common, "optimization.update_freq=[2]")
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}"]
-    two = hydra_train(tmp_path / "two", *common, *DISTRIBUTED, launcher=launcher,
-                      env={"MASTER_ADDR": "127.0.0.1"})
+              f"task.cifar10_root={tiny_cifar}", f"task.cifar100_root={tiny_cifar}", *COMMON]
+    one = hydra_train(tmp / "one", *common, "optimization.update_freq=[2]")
+    two = hydra_train(tmp / "two", *common, *DISTRIBUTED, launcher=launcher(), env={"MASTER_ADDR": "127.0.0.1"})
+    return tmp, common, one, two
+
+
+def test_two_processes_agree_with_one(runs):
+    tmp_path, _, one, two = runs
     out_two = two.stdout + two.stderr
     assert "distributed init (rank 1)" in out_two or "world_size=2" in out_two.replace(" ", ""), out_two[-2000:]
 
@@ -49,3 +61,16 @@ def test_two_processes_agree_with_one(tmp_path, tiny_teacher, photo_folder, tiny
     ta = json_log_lines(one.stdout + one.stderr, "train")[-1]
     tb = json_log_lines(out_two, "train")[-1]
     assert abs(float(ta["train_loss"]) - float(tb["train_loss"])) < 1e-3
+
+
+def test_rerun_of_a_finished_distributed_run_exits_on_every_worker(runs):
+    """Rank 0 decides that the run is complete and tells the other worker: both exit 0 and nothing is written."""
+    tmp_path, common, _, _ = runs
+    save = tmp_path / "two"
+    before = {p.name: p.read_bytes() for p in save.glob("*.pt")}
+    rerun = hydra_train(save, *common, *DISTRIBUTED, launcher=launcher(), env={"MASTER_ADDR": "127.0.0.1"},
+                        timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert out.count("run already complete") == 1, out[-3000:]  # logged once, by rank 0
+    assert "begin training" not in out and "Loaded checkpoint" not in out
+    assert {p.name: p.read_bytes() for p in save.glob("*.pt")} == before

@@ -113,7 +113,7 @@ def test_layer_picks_the_kth_block_from_last_for_student_and_teacher(layer_norm_
         encoded = distiller.encode(x)
         # Student: layer -1 is what it always returned; -k is block (3 - k + 1), through the final norm.
         torch.testing.assert_close(distiller.forward_features(x), distiller.run_student(encoded)["x"])
-        h = encoded
+        h = encoded.x
         outputs = []
         for blk in distiller.student_blocks:
             h, _ = blk(h)
@@ -124,7 +124,8 @@ def test_layer_picks_the_kth_block_from_last_for_student_and_teacher(layer_norm_
         for k in (1, 2, 4):
             torch.testing.assert_close(distiller.teacher_features(x, layer=-k), out["block_out"][-k])
         # The standalone evaluator's teacher path: layer -1 is the model's own output x (final norm included).
-        torch.testing.assert_close(block_features(teacher.blocks, out["encoder_out"], -1, teacher.norm), out["x"])
+        torch.testing.assert_close(block_features(teacher.blocks, teacher.encoder(x), teacher.cfg.num_heads, -1,
+                                                  teacher.norm), out["x"])
         assert not torch.allclose(distiller.forward_features(x, layer=-2), distiller.forward_features(x))
     for bad in (0, 1, -4):
         with pytest.raises(ValueError, match="-k for the k-th from last, with k at most 3"):

@@ -207,7 +207,8 @@ def test_json_protocol_records_what_ran_and_reproduces_the_numbers(deeper_teache
 
     # Everything needed to recompute the numbers is in the record.
     model = load_d2v_image(deeper_teacher, weights=p["weights"])
-    again = evaluate_retrieval(lambda x: block_features(model.blocks, model.encoder(x), p["layer"], model.norm),
+    again = evaluate_retrieval(lambda x: block_features(model.blocks, model.encoder(x), model.cfg.num_heads, p["layer"],
+                                                        model.norm),
                                {"cifar10": load_cifar(data_root, "cifar10", limit=limit)},
                                input_size=p["input_size"], num_extra_tokens=p["num_extra_tokens"],
                                pooling=p["pooling"], ks=p["retrieval_ks"], knn_k=p["knn_k"],

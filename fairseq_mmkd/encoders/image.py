@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import register_encoder
+from .base import ContextEncoder, EncoderOutput
 
 
 @dataclass
@@ -55,22 +56,6 @@ class FixedPositions(nn.Module):
                                       requires_grad=False)
 
 
-class ContextEncoder(nn.Module):
-    """LayerNorm (post-LN models only) followed by the modality-specific "prenet" blocks."""
-
-    def __init__(self, blocks: nn.ModuleList, norm: Optional[nn.Module]):
-        super().__init__()
-        self.norm = norm
-        self.blocks = blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None:
-            x = self.norm(x)
-        for blk in self.blocks:
-            x, _ = blk(x)
-        return x
-
-
 def sincos_2d_positions(grid: int, dim: int) -> torch.Tensor:
     """MAE-style 2-D sin-cos table ``[grid*grid, dim]``: first half encodes the column, second the row.
 
@@ -105,6 +90,7 @@ class ImageEncoder(nn.Module):
     fairseq_name = "IMAGE"
     # Pretraining-only parts of fairseq's encoder: the conv decoder (and a transformer decoder variant).
     pretraining_only_prefixes = ("decoder.",)
+    online_in_ema_prefixes = ("local_encoder.",)
 
     def __init__(self, cfg: ImageEncoderConfig, embed_dim: int, make_block: Callable[[], nn.Module],
                  norm_eps: float = 1e-6, norm_affine: bool = True, layer_norm_first: bool = False):
@@ -129,7 +115,7 @@ class ImageEncoder(nn.Module):
         return self.cfg.num_extra_tokens + self.cfg.num_patches
 
     @staticmethod
-    def config_from_fairseq(model_cfg: dict) -> ImageEncoderConfig:
+    def config_from_fairseq(model_cfg: dict, state: Optional[dict] = None) -> ImageEncoderConfig:
         img = model_cfg["modalities"]["image"]
         if img.get("use_alibi_encoder", False):
             raise ValueError("image encoders with ALiBi position biases (use_alibi_encoder=true) are not supported")
@@ -143,19 +129,34 @@ class ImageEncoder(nn.Module):
             fixed_positions=bool(img.get("fixed_positions", True)),
         )
 
-    def check_input(self, source: torch.Tensor) -> None:
+    @staticmethod
+    def fairseq_modality_cfg(cfg: ImageEncoderConfig) -> dict:
+        return {"type": "IMAGE", "input_size": cfg.input_size, "in_chans": cfg.in_chans, "patch_size": cfg.patch_size,
+                "embed_dim": cfg.embed_dim, "fixed_positions": cfg.fixed_positions, "prenet_depth": cfg.prenet_depth,
+                "num_extra_tokens": cfg.num_extra_tokens, "init_extra_token_zero": False, "ema_local_encoder": True,
+                "transformer_decoder": False, "enc_dec_transformer": False}
+
+    @staticmethod
+    def fairseq_task_cfg(cfg: ImageEncoderConfig) -> dict:
+        return {"_name": "mae_image_pretraining", "data": "", "input_size": cfg.input_size, "key": "source"}
+
+    def check_input(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         c, s = self.cfg.in_chans, self.cfg.input_size
         if source.ndim != 4 or tuple(source.shape[1:]) != (c, s, s):
             raise ValueError(
                 f"expected images of shape [B, {c}, {s}, {s}] (the teacher's input size), got {list(source.shape)}; "
                 f"resize the images to {s}x{s} first"
             )
+        if not source.is_floating_point():
+            raise ValueError(f"expected float images (normalised pixels), got {source.dtype}")
+        if padding_mask is not None:
+            raise ValueError("images take no padding mask (every image has the teacher's input size)")
 
-    def forward(self, source: torch.Tensor) -> torch.Tensor:
-        self.check_input(source)
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> EncoderOutput:
+        self.check_input(source, padding_mask)
         x = self.local_encoder(source)
         if self.fixed_positional_encoder is not None:
             x = x + self.fixed_positional_encoder.positions
         if self.extra_tokens is not None:
             x = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.context_encoder(x)
+        return EncoderOutput(self.context_encoder(x))

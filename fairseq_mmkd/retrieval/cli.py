@@ -137,7 +137,7 @@ def load_encoder(args, device) -> Encoder:
                                trust_checkpoint=args.trust_checkpoint)
 
         def feature_fn(x):  # at layer -1 the same as model(x)["x"]
-            return block_features(model.blocks, model.encoder(x), args.layer, model.norm)
+            return block_features(model.blocks, model.encoder(x), model.cfg.num_heads, args.layer, model.norm)
 
         encoder = Encoder(feature_fn, model.cfg.encoder.input_size, model.num_extra_tokens, len(model.blocks),
                           "teacher", args.weights, model.norm is not None)
