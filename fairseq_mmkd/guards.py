@@ -366,7 +366,5 @@ class TrainingGuard:
 
 
 def skipped_logging_output(logging_output: dict) -> dict:
-    """What a non-finite micro-batch reports: nothing to the averages (its unreadable images still count)."""
-    out = {k: 0 for k in logging_output}
-    out["bad_images"] = logging_output.get("bad_images", 0)
-    return out
+    """What a non-finite micro-batch reports: nothing to the averages (its unreadable files still count)."""
+    return {k: (v if k.startswith("bad_") else 0) for k, v in logging_output.items()}

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
+import torch
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
@@ -63,16 +64,22 @@ class D2vKDCriterion(FairseqCriterion):
         target_cfg = resolve_target_config(self.cfg, model.target_config)
         result = model(**sample["net_input"], targets=target_cfg, include_extra_tokens=self.cfg.include_extra_tokens)
         nsamples = sample["nsamples"]
+        sample_size = result["sample_size"]
+        if torch.is_tensor(sample_size):  # padded batches count their valid positions on the device
+            sample_size = int(sample_size)
         logging_output = {
             "loss": result["loss_sum"].detach(),
-            "sample_size": result["sample_size"],
+            "sample_size": sample_size,
             "nsentences": nsamples,
-            "ntokens": nsamples,  # fairseq's wps/wpb then read as images/s and images per batch
+            # fairseq's wps/wpb: images (every image counts as one), real text tokens, or audio samples
+            "ntokens": sample.get("ntokens", nsamples),
             "target_var": result["target_var"] * nsamples,
             "pred_var": result["pred_var"] * nsamples,
-            "bad_images": sample.get("num_replaced", 0),
         }
-        return result["loss_sum"], result["sample_size"], logging_output
+        if "num_replaced" in sample:
+            logging_output["bad_images"] = sample["num_replaced"]
+        logging_output.update(sample.get("bad_files", {}))
+        return result["loss_sum"], sample_size, logging_output
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -85,9 +92,10 @@ class D2vKDCriterion(FairseqCriterion):
         if nsamples:
             metrics.log_scalar("target_var", total("target_var") / nsamples, nsamples, round=3)
             metrics.log_scalar("pred_var", total("pred_var") / nsamples, nsamples, round=3)
-        bad = total("bad_images")
-        if bad:
-            metrics.log_scalar_sum("bad_images", bad, round=0)
+        for name in sorted({k for log in logging_outputs for k in log if k.startswith("bad_")}):
+            bad = total(name)
+            if bad:
+                metrics.log_scalar_sum(name, bad, round=0)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -12,9 +12,12 @@ import logging
 import os
 
 import numpy as np
+import torch
 from fairseq.data import FairseqDataset
 
 from .data import audio as audio_data
+from .data import image as image_data
+from .data import image_device
 from .data import text as text_data
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,14 @@ def data_kind(data: str) -> str:
     if audio_data.is_audio_data(data):
         return "audio"
     return "image"
+
+
+def training_data(cfg) -> "TrainingData":
+    """The training data behind ``task.data``, recognised and checked (cheaply) before the teacher is loaded."""
+    if not cfg.data:
+        raise ValueError("task.data is not set; pass the training data: " + "; ".join(
+            f"{kind}: {what}" for kind, what in KINDS.items()))
+    return {"image": ImageData, "text": TextData, "audio": AudioData}[data_kind(cfg.data)](cfg)
 
 
 def check_modality(kind: str, data: str, teacher_modality: str, teacher_path: str) -> None:
@@ -129,7 +140,140 @@ class _Indexed:
         return len(self.blocks)
 
 
-class TextData:
+class ImageDataset(FairseqDataset):
+    """fairseq view of an image dataset: every image counts as one "token", shuffled each epoch."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+    def __len__(self):
+        return len(self.images)
+
+    def collater(self, samples):
+        return self.images.collater(samples)
+
+    def num_tokens(self, index):
+        return 1
+
+    def size(self, index):
+        return 1
+
+    def ordered_indices(self):
+        return np.random.permutation(len(self))  # fairseq seeds numpy with (seed + epoch) around this call
+
+    def set_epoch(self, epoch):
+        self.images.set_epoch(epoch)
+
+
+def gpu_decode_mode(value) -> str:
+    """``task.gpu_decode`` as ``auto``, ``true`` or ``false`` (Hydra may pass true/false as booleans)."""
+    mode = str(value).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"task.gpu_decode={value!r} must be auto (decode on the GPU when training on one), true or "
+                         "false")
+    return mode
+
+
+class TrainingData:
+    """What the task asks of a modality's training data (the defaults fit text and audio)."""
+
+    modality = ""
+    counts_samples = True  # batches are sized by dataset.batch_size or dataset.max_tokens alike
+
+    def prepare_batch(self, sample, model, train_dataset):
+        """Last step before the forward pass, in the training process (images: decoding on the device)."""
+        return sample
+
+    @property
+    def input_size(self):
+        return None
+
+
+class ImageData(TrainingData):
+    """Images (ImageFolder tree or list file), augmented as data2vec2 image pretraining; JPEGs optionally
+    decoded on the training device (``task.gpu_decode``)."""
+
+    modality = "image"
+    counts_samples = False  # every image is one "token": dataset.batch_size must be set
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
+            raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
+        gpu_decode_mode(cfg.gpu_decode)
+        self.paths = image_data.find_images(os.path.expanduser(cfg.data))
+        image_data.probe_images(self.paths)  # a folder of non-images fails here, in a second
+        self._input_size = cfg.input_size
+        self._device_decode = None
+
+    @property
+    def input_size(self):
+        return self._input_size
+
+    def configure(self, model) -> None:
+        teacher_size = model.input_size
+        if self.cfg.input_size is not None and self.cfg.input_size != teacher_size:
+            raise ValueError(f"task.input_size={self.cfg.input_size} differs from the teacher's input size "
+                             f"{teacher_size}; data2vec2 models have a fixed position table, so leave "
+                             "task.input_size unset (or null)")
+        self._input_size = teacher_size
+
+    def images(self, train: bool):
+        if self._input_size is None:
+            raise RuntimeError("build the model before loading datasets: the crop size comes from the teacher")
+        return image_data.ImageListDataset(self.paths, self._input_size, train=train,
+                                           scale=(self.cfg.crop_scale_min, 1.0),
+                                           max_bad_fraction=self.cfg.max_bad_image_fraction, seed=self.cfg.seed,
+                                           device_decode=train and self.use_device_decode())
+
+    def train(self, epoch: int):
+        return ImageDataset(self.images(train=True))
+
+    def valid(self, count: int):
+        images = self.images(train=False)
+        return ValidRound(images, count, images.collater)
+
+    def prepare_batch(self, sample, model, train_dataset):
+        """Turn an ``EncodedBatch`` source into the normalised batch on the model's device and dtype."""
+        source = sample.get("net_input", {}).get("source") if sample else None
+        if not isinstance(source, image_device.EncodedBatch):
+            return sample
+        param = next(model.parameters())
+        images = train_dataset.images
+        x, replaced = image_device.decode_batch(source, param.device, images.fallback_crop, dtype=param.dtype)
+        images.record_device_decodes(source.num_encoded)
+        return {**sample, "net_input": {**sample["net_input"], "source": x},
+                "num_replaced": sample.get("num_replaced", 0) + replaced}
+
+    def use_device_decode(self) -> bool:
+        """Whether training JPEGs are decoded on the training device (``task.gpu_decode``); decided once."""
+        if self._device_decode is None:
+            self._device_decode = self._decide_device_decode()
+        return self._device_decode
+
+    def _decide_device_decode(self) -> bool:
+        mode = gpu_decode_mode(self.cfg.gpu_decode)
+        on_gpu = torch.cuda.is_available() and not self.cfg.cpu
+        if mode == "false" or (mode == "auto" and not on_gpu):
+            return False
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        problem = image_device.device_decode_works(device)
+        if problem is None:
+            logger.info(f"decoding training JPEGs on {device} (task.gpu_decode={mode}); data workers only read files")
+            return True
+        if mode == "true":
+            raise RuntimeError(f"task.gpu_decode=true but torchvision cannot decode JPEGs on {device} ({problem}); "
+                               "install a torchvision build with image support matching your torch, or set "
+                               "task.gpu_decode=false to decode in the data workers")
+        logger.warning(f"torchvision cannot decode JPEGs on {device} ({problem}): decoding in the data workers "
+                       "(task.gpu_decode=auto)")
+        return False
+
+
+class TextData(TrainingData):
     """fairseq-preprocess output (``DIR`` or ``DIR1:DIR2`` shards, one per epoch as in fairseq) cut into blocks of
     ``task.tokens_per_sample`` tokens with ``<s>`` prepended."""
 
@@ -176,7 +320,7 @@ class TextData:
         return ValidRound(items, count, self.collate)
 
 
-class AudioData:
+class AudioData(TrainingData):
     """A wav2vec manifest of 16 kHz clips; normalised when the teacher was trained with ``normalize``."""
 
     modality = "audio"

@@ -36,7 +36,9 @@ class D2vKDModelConfig(FairseqDataclass):
     trust_teacher_checkpoint: bool = field(
         default=False, metadata={"help": "allow arbitrary pickled objects in the teacher file (only for files "
                                          "you trust; the default safe load accepts fairseq's own checkpoints)"})
-    modality: str = field(default="image", metadata={"help": "modality encoder to use (fairseq_mmkd.encoders)"})
+    modality: str = field(default="auto", metadata={
+        "help": "modality of the teacher (image, text, audio; fairseq_mmkd.encoders); auto: the teacher checkpoint's "
+                "own (a multimodal file needs one named)"})
     student_depth: int = field(default=6, metadata={"help": "number of student transformer blocks"})
     student_init: ChoiceEnum(["teacher_first", "teacher_spread", "random"]) = field(
         default="teacher_first", metadata={"help": "teacher_first: copy the teacher's first N blocks; "
@@ -81,8 +83,17 @@ class D2vKDModel(BaseFairseqModel):
         architecture the task restored from the checkpoint (the weights come from the checkpoint)."""
         arch = getattr(task, "inference_teacher_arch", None)
         if arch:
-            return cls(cfg, D2vModel(arch_from_json(arch)), keep_teacher_blocks=False)
-        return cls(cfg, load_teacher(cfg))
+            model = cls(cfg, D2vModel(arch_from_json(arch)), keep_teacher_blocks=False)
+            model.teacher_task_cfg = dict(getattr(task, "teacher_task_cfg", None) or {})
+            return model
+        teacher = load_teacher(cfg)
+        model = cls(cfg, teacher)
+        model.teacher_task_cfg = teacher_data_settings(getattr(teacher, "fairseq_task_cfg", {}))
+        return model
+
+    @property
+    def modality(self) -> str:
+        return self.distiller.cfg.modality
 
     @property
     def teacher_arch(self) -> str:
@@ -94,27 +105,31 @@ class D2vKDModel(BaseFairseqModel):
         return self.distiller.num_extra_tokens
 
     @property
-    def input_size(self) -> int:
-        return self.distiller.input_size
+    def input_size(self):
+        """The image size (images only; None for text and audio)."""
+        return getattr(self.distiller.cfg.encoder, "input_size", None)
 
     @property
     def target_config(self) -> TargetConfig:
         return self.distiller.cfg.targets
 
-    def forward(self, source: torch.Tensor, targets: Optional[TargetConfig] = None,
-                include_extra_tokens: bool = True, **unused) -> dict:
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                targets: Optional[TargetConfig] = None, include_extra_tokens: bool = True, **unused) -> dict:
         """Without ``targets``: teacher and student layer outputs. With ``targets`` (what the criterion
         passes): the distillation loss dict of ``kd_loss.distillation_loss``, computed in the same call so
-        that fairseq's DDP wrapper sees the forward and ``model.compile`` can fuse it with the model."""
+        that fairseq's DDP wrapper sees the forward and ``model.compile`` can fuse it with the model.
+        ``padding_mask`` (text tokens, audio samples; True at padding) is passed on to the shared encoder."""
         if targets is None:
-            return self.distiller(source)
-        return self._loss(source, targets, include_extra_tokens)
+            return self.distiller(source, padding_mask)
+        return self._loss(source, targets, include_extra_tokens, padding_mask)
 
-    def forward_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        return self.distiller.forward_features(source, layer=layer)
+    def forward_features(self, source: torch.Tensor, layer: int = -1,
+                         padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.distiller.forward_features(source, padding_mask, layer=layer)
 
-    def teacher_features(self, source: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        return self.distiller.teacher_features(source, layer=layer)
+    def teacher_features(self, source: torch.Tensor, layer: int = -1,
+                         padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.distiller.teacher_features(source, padding_mask, layer=layer)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""
@@ -135,8 +150,15 @@ def load_teacher(cfg: D2vKDModelConfig) -> D2vModel:
     if not cfg.teacher_checkpoint:
         raise CheckpointError("model.teacher_checkpoint is not set; pass the data2vec2 teacher, e.g. "
                               "model.teacher_checkpoint=/path/to/base_imagenet.pt")
-    return load_d2v(os.path.expanduser(cfg.teacher_checkpoint), modality=cfg.modality,
+    modality = None if str(cfg.modality) in ("", "auto") else str(cfg.modality)
+    return load_d2v(os.path.expanduser(cfg.teacher_checkpoint), modality=modality,
                     weights=str(cfg.teacher_weights), trust_checkpoint=cfg.trust_teacher_checkpoint)
+
+
+def teacher_data_settings(task_cfg: dict) -> dict:
+    """What of the teacher's pretraining ``cfg.task`` the data side needs later (audio: ``normalize``); it
+    travels in the student's checkpoints, so evaluating them needs no teacher file."""
+    return {k: task_cfg[k] for k in ("normalize",) if k in task_cfg}
 
 
 def load_student(path, device="cpu", trust_checkpoint: bool = False) -> D2vKDModel:

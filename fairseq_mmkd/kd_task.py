@@ -1,15 +1,18 @@
-"""fairseq task ``d2v_kd``: label-free distillation on a folder of images, validated by zero-shot retrieval.
+"""fairseq task ``d2v_kd``: label-free distillation on images, text or audio, validated by zero-shot retrieval.
 
-Training data is any folder of images (ImageFolder layout; labels ignored) or a text file of image paths,
-augmented as in data2vec2 image pretraining. Validation is one "batch" per round: the distillation loss
-on a fixed batch of training images (centre crops) and the zero-shot CIFAR-10/100 retrieval and k-NN metrics
-of the student (plus the teacher's, computed once per run and logged with a ``teacher_`` prefix). How they
-are computed is written to ``SAVE_DIR/eval_protocol.json`` at the first validation.
+The modality comes from the teacher checkpoint, and ``task.data`` must hold that kind of data (recognised
+from its files, ``kd_data.py``): images (a folder in ImageFolder layout, labels ignored, or a text file of
+paths) augmented as in data2vec2 image pretraining; text (fairseq-preprocess output) cut into blocks as
+data2vec2's text pretraining does; audio (a wav2vec manifest of 16 kHz clips) cropped as data2vec2's audio
+pretraining does. Validation is one "batch" per round: the distillation loss on a fixed batch of training
+samples and the zero-shot retrieval and k-NN metrics of the student (plus the teacher's, computed once per
+run and logged with a ``teacher_`` prefix). How they are computed is written to ``SAVE_DIR/eval_protocol.json``
+at the first validation.
 
 Everything a user can get wrong (data path, retrieval data, sizes) is checked in ``setup_task``, before
-the teacher is loaded or the trainer starts. First of all it claims ``checkpoint.save_dir``
-(:mod:`fairseq_mmkd.save_dir`): a rerun of a finished run exits there, and a folder another live run is
-using is refused.
+the teacher is loaded or the trainer starts, and what depends on the teacher right after it is loaded.
+First of all the task claims ``checkpoint.save_dir`` (:mod:`fairseq_mmkd.save_dir`): a rerun of a finished
+run exits there, and a folder another live run is using is refused.
 """
 from __future__ import annotations
 
@@ -21,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-from fairseq.data import FairseqDataset
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from . import device_decode, guards, image_data, save_dir
+from . import guards, kd_data, save_dir
 from .checkpoint import CheckpointError
 from .distill import block_index
 from .retrieval import evaluate_retrieval, evaluation_protocol, load_cifar, load_image_folder_pair
@@ -45,8 +46,10 @@ guards.install_checkpoint_file_guards()  # fairseq copies checkpoint_last.pt in 
 @dataclass
 class D2vKDTaskConfig(FairseqDataclass):
     data: str = field(default="", metadata={
-        "help": "training images: a folder in ImageFolder layout (class subfolders, labels ignored) or a text "
-                "file with one image path per line"})
+        "help": "training data of the teacher's modality: images (a folder in ImageFolder layout, labels ignored, "
+                "or a text file with one image path per line), text (fairseq-preprocess output: a folder with "
+                "dict.txt and train.bin/.idx, or DIR1:DIR2 shards, one per epoch) or audio (a wav2vec manifest: "
+                "a folder with train.tsv)"})
     input_size: Optional[int] = field(default=None, metadata={
         "help": "crop size; default (and the only valid value): the teacher's input size, since data2vec2 "
                 "position tables are fixed"})
@@ -60,9 +63,22 @@ class D2vKDTaskConfig(FairseqDataclass):
                 "still decoded by the workers). auto: on when training on a GPU; true: also on CPU; false: off"})
     cpu: bool = field(default=II("common.cpu"), metadata={
         "help": "fairseq's common.cpu: training on CPU (gpu_decode=auto is then off)"})
+    tokens_per_sample: int = field(default=512, metadata={
+        "help": "text: tokens per training block, <s> included (data2vec 2.0 text pretraining: 512)"})
+    max_sample_size: int = field(default=320000, metadata={
+        "help": "audio: longest crop in samples; every batch is cropped to its shortest clip up to this "
+                "(data2vec 2.0 audio pretraining: 320000, 20 s at 16 kHz)"})
+    min_sample_size: int = field(default=32000, metadata={
+        "help": "audio: clips shorter than this many samples are skipped and counted (data2vec 2.0: 32000, 2 s)"})
+    normalize: Optional[bool] = field(default=None, metadata={
+        "help": "audio: zero mean / unit variance per clip; default: as the teacher was trained (its task.normalize, "
+                "true for base_libri.pt)"})
+    max_bad_audio_fraction: float = field(default=0.01, metadata={
+        "help": "audio: stop with an error when more than this fraction of the clips read so far is unreadable"})
     seed: int = field(default=II("common.seed"), metadata={"help": "augmentation seed (fairseq's common.seed)"})
     valid_kd_images: int = field(default=64, metadata={
-        "help": "validation distillation loss is measured on this many training images (centre crops)"})
+        "help": "validation distillation loss is measured on this many training samples (images: centre crops; "
+                "text blocks; audio clips cropped from their start)"})
     retrieval: bool = field(default=True, metadata={
         "help": "run zero-shot retrieval (CIFAR-10/100 and/or retrieval_folder) at every validation"})
     cifar10_root: Optional[str] = field(default=None, metadata={
@@ -107,76 +123,25 @@ class D2vKDTaskConfig(FairseqDataclass):
                 "exactly the batches an uninterrupted one would"})
 
 
-class ImageFairseqDataset(FairseqDataset):
-    """fairseq view of an image dataset: every image counts as one "token", shuffled each epoch."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __getitem__(self, index):
-        return self.images[index]
-
-    def __len__(self):
-        return len(self.images)
-
-    def collater(self, samples):
-        return self.images.collater(samples)
-
-    def num_tokens(self, index):
-        return 1
-
-    def size(self, index):
-        return 1
-
-    def ordered_indices(self):
-        return np.random.permutation(len(self))  # fairseq seeds numpy with (seed + epoch) around this call
-
-    def set_epoch(self, epoch):
-        self.images.set_epoch(epoch)
-
-
-class ValidRound(FairseqDataset):
-    """One item whose batch is the fixed validation batch: fairseq then calls ``valid_step`` exactly once per
-    validation round, which runs the whole retrieval evaluation. The batch is a real model input, since
-    fairseq may reuse it as a dummy batch for workers without data."""
-
-    def __init__(self, images, count: int):
-        self.images = images
-        self.count = min(count, len(images))
-
-    def __getitem__(self, index):
-        return index
-
-    def __len__(self):
-        return 1
-
-    def collater(self, samples):
-        if not samples:
-            return {}
-        return self.images.collater([self.images[i] for i in range(self.count)])
-
-    def num_tokens(self, index):
-        return 1
-
-    def size(self, index):
-        return 1
-
-
 @register_task("d2v_kd", dataclass=D2vKDTaskConfig)
 class D2vKDTask(FairseqTask):
     cfg: D2vKDTaskConfig
 
-    def __init__(self, cfg: D2vKDTaskConfig, image_paths=None, retrieval_sets=None):
+    def __init__(self, cfg: D2vKDTaskConfig, data: Optional[kd_data.TrainingData] = None, retrieval_sets=None):
         super().__init__(cfg)
-        self.image_paths = image_paths
+        self.data = data
         self.retrieval_sets = retrieval_sets or {}
         self.teacher_metrics = None
-        self.input_size = cfg.input_size
         self.teacher_arch = None  # saved in checkpoints (task_state): rebuilds the model without the teacher
+        self.teacher_task_cfg = None  # ... and what the data side needs of the teacher's own task (normalize)
         self.inference_teacher_arch = None  # set only while fairseq rebuilds a trained checkpoint
         self.guard = None  # guards.TrainingGuard, configured by the criterion (build_criterion)
         self.teacher_weights = None  # model.teacher_weights, for the evaluation protocol record
         self.protocol_written = False
+
+    @property
+    def input_size(self):
+        return self.data.input_size if self.data is not None else self.cfg.input_size
 
     @classmethod
     def setup_task(cls, cfg: D2vKDTaskConfig, from_checkpoint: bool = False, **kwargs):
@@ -188,22 +153,18 @@ class D2vKDTask(FairseqTask):
         if root is not None:  # a finished run exits here; a folder in use by another run is refused
             save_dir.claim(root)
         retrieval_progress(cfg.retrieval_progress)
-        if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
-            raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
         check_retrieval_settings(cfg)
-        gpu_decode_mode(cfg.gpu_decode)
-        if not cfg.data:
-            raise image_data.ImageDataError("task.data is not set; pass task.data=/path/to/imagenet/train "
-                                            "(a folder of images in ImageFolder layout, or a text file of paths)")
-        paths = image_data.find_images(os.path.expanduser(cfg.data))
-        image_data.probe_images(paths)  # a folder of non-images fails here, in a second
-        return cls(cfg, image_paths=paths, retrieval_sets=load_retrieval_sets(cfg) if cfg.retrieval else {})
+        data = kd_data.training_data(cfg)
+        return cls(cfg, data=data, retrieval_sets=load_retrieval_sets(cfg, data.modality) if cfg.retrieval else {})
 
     def state_dict(self):
-        return {"teacher_arch": self.teacher_arch} if self.teacher_arch else {}
+        if not self.teacher_arch:
+            return {}
+        return {"teacher_arch": self.teacher_arch, "teacher_task_cfg": dict(self.teacher_task_cfg or {})}
 
     def load_state_dict(self, state_dict):
         self.teacher_arch = state_dict.get("teacher_arch") or self.teacher_arch
+        self.teacher_task_cfg = state_dict.get("teacher_task_cfg") or self.teacher_task_cfg
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         self.inference_teacher_arch = self.teacher_arch if from_checkpoint else None
@@ -212,14 +173,12 @@ class D2vKDTask(FairseqTask):
         finally:
             self.inference_teacher_arch = None
         self.teacher_arch = model.teacher_arch
+        self.teacher_task_cfg = dict(getattr(model, "teacher_task_cfg", None) or {})
         if not from_checkpoint:
             check_teacher(model, cfg.teacher_checkpoint)
-        teacher_size = model.input_size
-        if self.cfg.input_size is not None and self.cfg.input_size != teacher_size:
-            raise ValueError(f"task.input_size={self.cfg.input_size} differs from the teacher's input size "
-                             f"{teacher_size}; data2vec2 models have a fixed position table, so leave "
-                             "task.input_size unset (or null)")
-        self.input_size = teacher_size
+        if self.data is not None:
+            kd_data.check_modality(self.data.modality, self.cfg.data, model.modality, cfg.teacher_checkpoint)
+            self.data.configure(model)
         self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
         if self.retrieval_sets:
             check_retrieval_model(self.cfg, model)
@@ -230,11 +189,13 @@ class D2vKDTask(FairseqTask):
         return super().build_criterion(cfg, from_checkpoint=from_checkpoint)
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, *args, **kwargs):
-        if isinstance(dataset, ImageFairseqDataset) and max_tokens is None and \
-                (max_sentences is None or max_sentences < 1):
+        unlimited = max_tokens is None and (max_sentences is None or max_sentences < 1)
+        if unlimited and dataset is self.datasets.get("train"):
+            image = self.data.modality == "image"
+            what = ("dataset.batch_size to the number of images per GPU (the seed recipe: 256)" if image else
+                    "dataset.batch_size (sequences or clips per GPU) or dataset.max_tokens (tokens or samples per GPU)")
             raise ValueError(f"dataset.batch_size={max_sentences}: fairseq reads it as 'no limit' and would put all "
-                             f"{len(dataset)} training images into one batch; set dataset.batch_size to the number "
-                             "of images per GPU (the seed recipe: 256)")
+                             f"{len(dataset)} training {'images' if image else 'samples'} into one batch; set {what}")
         if "num_workers" in kwargs:
             kwargs["num_workers"] = fit_workers(kwargs["num_workers"])
         return super().get_batch_iterator(dataset, max_tokens, max_sentences, *args, **kwargs)
@@ -243,7 +204,7 @@ class D2vKDTask(FairseqTask):
         """fairseq's forward/backward, then the numerical guard: a NaN/inf loss or gradient on any worker
         zeroes the gradients and marks the update to be skipped in ``optimizer_step``. A batch of still
         encoded JPEGs (``task.gpu_decode``) is decoded and augmented on the model's device first."""
-        sample = self.decode_sample(sample, model)
+        sample = self.data.prepare_batch(sample, model, self.datasets.get("train")) if self.data else sample
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
                                                                ignore_grad=ignore_grad)
         if self.guard is None:
@@ -259,55 +220,11 @@ class D2vKDTask(FairseqTask):
             return  # skipped: parameters and optimizer state stay as they were
         super().optimizer_step(optimizer, model, update_num)
 
-    def decode_sample(self, sample, model):
-        """Turn an ``EncodedBatch`` source into the normalised batch on the model's device and dtype."""
-        source = sample.get("net_input", {}).get("source") if sample else None
-        if not isinstance(source, device_decode.EncodedBatch):
-            return sample
-        param = next(model.parameters())
-        images = self.datasets["train"].images
-        x, replaced = device_decode.decode_batch(source, param.device, images.fallback_crop, dtype=param.dtype)
-        images.record_device_decodes(source.num_encoded)
-        return {**sample, "net_input": {**sample["net_input"], "source": x},
-                "num_replaced": sample.get("num_replaced", 0) + replaced}
-
-    def use_device_decode(self) -> bool:
-        """Whether training JPEGs are decoded on the training device (``task.gpu_decode``); decided once."""
-        if getattr(self, "_device_decode", None) is None:
-            self._device_decode = self._decide_device_decode()
-        return self._device_decode
-
-    def _decide_device_decode(self) -> bool:
-        mode = gpu_decode_mode(self.cfg.gpu_decode)
-        on_gpu = torch.cuda.is_available() and not self.cfg.cpu
-        if mode == "false" or (mode == "auto" and not on_gpu):
-            return False
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        problem = device_decode.device_decode_works(device)
-        if problem is None:
-            logger.info(f"decoding training JPEGs on {device} (task.gpu_decode={mode}); data workers only read files")
-            return True
-        if mode == "true":
-            raise RuntimeError(f"task.gpu_decode=true but torchvision cannot decode JPEGs on {device} ({problem}); "
-                               "install a torchvision build with image support matching your torch, or set "
-                               "task.gpu_decode=false to decode in the data workers")
-        logger.warning(f"torchvision cannot decode JPEGs on {device} ({problem}): decoding in the data workers "
-                       "(task.gpu_decode=auto)")
-        return False
-
-    def _images(self, train: bool):
-        if self.input_size is None:
-            raise RuntimeError("build the model before loading datasets: the crop size comes from the teacher")
-        return image_data.ImageListDataset(self.image_paths, self.input_size, train=train,
-                                           scale=(self.cfg.crop_scale_min, 1.0),
-                                           max_bad_fraction=self.cfg.max_bad_image_fraction, seed=self.cfg.seed,
-                                           device_decode=train and self.use_device_decode())
-
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         if split == "train":
-            self.datasets[split] = ImageFairseqDataset(self._images(train=True))
+            self.datasets[split] = self.data.train(epoch)
         else:
-            self.datasets[split] = ValidRound(self._images(train=False), self.cfg.valid_kd_images)
+            self.datasets[split] = self.data.valid(self.cfg.valid_kd_images)
         return self.datasets[split]
 
     @property
@@ -466,15 +383,6 @@ def retrieval_progress(setting) -> bool:
     raise ValueError(f"task.retrieval_progress={setting!r}: use auto (a bar only on a terminal), true or false")
 
 
-def gpu_decode_mode(value) -> str:
-    """``task.gpu_decode`` as ``auto``, ``true`` or ``false`` (Hydra may pass true/false as booleans)."""
-    mode = str(value).strip().lower()
-    if mode not in ("auto", "true", "false"):
-        raise ValueError(f"task.gpu_decode={value!r} must be auto (decode on the GPU when training on one), true or "
-                         "false")
-    return mode
-
-
 def fit_workers(requested: int) -> int:
     """DataLoader workers capped at the CPU cores this training process may use, one kept for itself.
 
@@ -497,14 +405,25 @@ def completed_updates() -> int:
     return int(meter.val) if meter is not None and meter.val is not None else 0
 
 
-def load_retrieval_sets(cfg: D2vKDTaskConfig) -> dict:
+def load_retrieval_sets(cfg: D2vKDTaskConfig, modality: str = "image") -> dict:
     """Read every configured retrieval set into memory now, so missing files fail before training."""
     limit = cfg.retrieval_limit or None
     sets = {}
-    for name in ("cifar10", "cifar100"):
-        root = getattr(cfg, f"{name}_root")
-        if root:
-            sets[name] = load_cifar(os.path.expanduser(root), name, limit=limit)
+    cifar = [name for name in ("cifar10", "cifar100") if getattr(cfg, f"{name}_root")]
+    if modality != "image":
+        if cifar:
+            raise ValueError(f"task.{cifar[0]}_root is a retrieval set of images, but task.data holds {modality}; set "
+                             f"task.{cifar[0]}_root=null and give a labelled {modality} folder as task.retrieval_folder")
+        if not cfg.retrieval_folder:
+            raise ValueError(f"task.retrieval=true but no retrieval data is configured: set task.retrieval_folder to a "
+                             f"labelled {modality} folder, or turn validation retrieval off with task.retrieval=false")
+        from .retrieval import load_retrieval_folder
+
+        folder = os.path.expanduser(cfg.retrieval_folder)
+        sets[folder_set_name(folder)] = load_retrieval_folder(folder, modality, limit=limit)
+        return sets
+    for name in cifar:
+        sets[name] = load_cifar(os.path.expanduser(getattr(cfg, f"{name}_root")), name, limit=limit)
     if cfg.retrieval_folder:
         folder = os.path.expanduser(cfg.retrieval_folder)
         sets[folder_set_name(folder)] = load_image_folder_pair(folder, limit=limit)

@@ -24,7 +24,7 @@ Every figure is a ratio against a baseline timed in the same run, with both abso
   on the tensor) vs a per-image PIL transform loop, with a ViT-B-wide model of small depth; exact search of
   a 50,000 x 10,000 x 768 bank with faiss and torch (``topk_accuracy``) vs the naive per-query loop of
   ``scripts/bench_retrieval.py``, which is timed on a subset of the queries and extrapolated linearly.
-* Data pipeline: decoded + augmented images/s of one worker through ``image_data.ImageListDataset`` vs
+* Data pipeline: decoded + augmented images/s of one worker through ``data.image.ImageListDataset`` vs
   ``PIL.Image.open`` + torchvision ``RandomResizedCrop`` (same crop parameters), on generated ImageNet-sized
   (500x375) and large (4000x3000) JPEGs.
 """
@@ -583,7 +583,7 @@ def bench_data(args) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from fairseq_mmkd.image_data import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset
+    from fairseq_mmkd.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset
 
     torch.set_num_threads(1)  # one DataLoader worker
     baseline_tf = transforms.Compose([

@@ -334,8 +334,8 @@ def run_fairseq(args, name: str, data: dict, validate: bool, timeout: float) -> 
 
 def bench_loader(args, paths: list, device_decode: bool, device: torch.device, timeout: float) -> dict:
     """The training DataLoader alone (fairseq's settings: pin_memory, the seed's workers), images/s."""
-    from fairseq_mmkd.device_decode import decode_batch
-    from fairseq_mmkd.image_data import ImageListDataset
+    from fairseq_mmkd.data.image_device import decode_batch
+    from fairseq_mmkd.data.image import ImageListDataset
     from fairseq_mmkd.kd_task import fit_workers
 
     plan = args.plan

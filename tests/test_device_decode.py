@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from fairseq_mmkd import device_decode
-from fairseq_mmkd.device_decode import EncodedBatch, decode_batch, device_decodable_header, orient
-from fairseq_mmkd.image_data import (IMAGENET_STD, ImageListDataset, random_resized_crop_box)
+from fairseq_mmkd.data import image_device as device_decode
+from fairseq_mmkd.data.image_device import EncodedBatch, decode_batch, device_decodable_header, orient
+from fairseq_mmkd.data.image import (IMAGENET_STD, ImageListDataset, random_resized_crop_box)
 
 S = 48  # min_short_side 250 px: files with a shorter side of 500 px or more take the CPU path
 
@@ -191,7 +191,7 @@ def test_truncated_jpeg_is_replaced_and_counted_as_on_the_cpu_path(tmp_path, cap
     cpu = ImageListDataset(paths, input_size=S, seed=4, max_bad_fraction=1.0)
     dev = ImageListDataset(paths, input_size=S, seed=4, max_bad_fraction=1.0, device_decode=True)
 
-    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.image_data"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.data.image"):
         samples, batch, encoded = _device_batch(dev, [0])
     x, replaced = decode_batch(encoded, "cpu", dev.fallback_crop)
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageFile, ImageFilter
 from torchvision import transforms as T
 
-from fairseq_mmkd import image_data
-from fairseq_mmkd.image_data import (IMAGENET_MEAN, IMAGENET_STD, ImageDataError, ImageListDataset,
+from fairseq_mmkd.data import image as image_data
+from fairseq_mmkd.data.image import (IMAGENET_MEAN, IMAGENET_STD, ImageDataError, ImageListDataset,
                                      UnreadableImageError, collate, find_images, load_rgb, probe_images)
 
 S = 32  # output side used throughout: small keeps the suite fast
@@ -294,7 +294,7 @@ def test_unreadable_file_is_replaced_counted_and_logged_once(tmp_path, monkeypat
 
     with pytest.raises(UnreadableImageError, match=reason):
         load_rgb(bad)
-    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.image_data"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.data.image"):
         first, second = ds[0], ds[0]
 
     assert first["num_replaced"] == 1 and first["id"] == 0

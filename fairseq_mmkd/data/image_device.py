@@ -6,7 +6,7 @@ the augmentation (crop box and flip) exactly as the CPU path does; the training 
 whole batch at once with ``torchvision.io.decode_jpeg`` on the device (nvjpeg on CUDA; libjpeg on CPU,
 which the tests use) and applies the crop, the bicubic resize, the flip and the normalisation there.
 
-Same augmentation statistics as the CPU path (``image_data.train_transform``), by construction:
+Same augmentation statistics as the CPU path (``image.train_transform``), by construction:
 
 * The crop box and flip come from the same generator draws in the same order (``sample_seed(index)``),
   on the same image size: a file the CPU path would decode at full size gets the identical box and flip.
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .image_data import (IMAGENET_MEAN, IMAGENET_STD, _pil_pixel_limit_off,
+from .image import (IMAGENET_MEAN, IMAGENET_STD, _pil_pixel_limit_off,
                          random_resized_crop_box)
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def device_decodable_header(data: bytes, min_short_side: int, max_pixels: Option
 
 def draw_augmentation(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
                       generator: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
-    """Crop box and flip in exactly the CPU path's order of draws (``image_data.train_crop``)."""
+    """Crop box and flip in exactly the CPU path's order of draws (``image.train_crop``)."""
     box = random_resized_crop_box(width, height, scale, ratio, generator)
     flip = torch.rand(1, generator=generator).item() < 0.5
     return box, flip

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .common import BadFiles, SharedEpoch, sample_seed
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -450,12 +452,9 @@ class ImageListDataset(torch.utils.data.Dataset):
     draws from a generator seeded by ``(seed, epoch, i)``, so the sample does not depend on which process
     computes it.
 
-    Counters (``num_bad``, ``num_attempts``, ``bad_paths``) are per process; with DataLoader workers they
-    live in the workers, which is why each sample carries ``num_replaced``. Once at least ``min_attempts``
-    decodes were tried and ``min_bad`` of them failed, a failure rate above ``max_bad_fraction`` raises
-    ``ImageDataError``; so does a number of distinct bad files above ``max_bad_fraction * len(self)``
-    (certain regardless of sampling, which is what catches small datasets). The two thresholds keep a rare
-    bad file early in an epoch from stopping training.
+    Counters (``num_bad``, ``num_attempts``, ``bad_paths``; ``data.common.BadFiles``) are per process; with
+    DataLoader workers they live in the workers, which is why each sample carries ``num_replaced``. Too many
+    unreadable files (more than ``max_bad_fraction``, see ``BadFiles``) raise ``ImageDataError``.
 
     Args:
         paths: image files, e.g. from ``find_images``.
@@ -468,12 +467,9 @@ class ImageListDataset(torch.utils.data.Dataset):
         max_pixels: images that would decode to more pixels are treated as unreadable (memory guard).
         device_decode: training samples of JPEGs the device can decode carry the file's bytes, crop box
             and flip instead of pixels, and the collater returns an ``EncodedBatch`` in
-            ``net_input["source"]`` that ``device_decode.decode_batch`` turns into the batch on the GPU
+            ``net_input["source"]`` that ``image_device.decode_batch`` turns into the batch on the GPU
             (see that module); other files are decoded here as usual. Eval samples are unaffected.
     """
-
-    min_attempts = 50
-    min_bad = 10
 
     def __init__(self, paths: Sequence[str], input_size: int = 224, train: bool = True,
                  scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
@@ -487,8 +483,7 @@ class ImageListDataset(torch.utils.data.Dataset):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {tuple(scale)}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be within [0, 1], got {max_bad_fraction}")
+        self.bad = BadFiles(len(paths), max_bad_fraction, "image", ImageDataError, "max_bad_fraction")
         self._paths = _PathTable(paths)
         self.input_size = int(input_size)
         self.train = bool(train)
@@ -501,10 +496,19 @@ class ImageListDataset(torch.utils.data.Dataset):
         needed = (min_short_side_for_crop(self.input_size, self.scale, self.ratio) if self.train
                   else int(self.input_size / EVAL_CROP_FRACTION))
         self.min_short_side = math.ceil(SHRINK_GAP * needed)  # decode / shrink no further than this
-        self._epoch = torch.ones(1, dtype=torch.int64).share_memory_()
-        self.num_bad = 0
-        self.num_attempts = 0
-        self.bad_paths: set[str] = set()
+        self._epoch = SharedEpoch()
+
+    @property
+    def bad_paths(self) -> set:
+        return self.bad.paths
+
+    @property
+    def num_bad(self) -> int:
+        return self.bad.num_bad
+
+    @property
+    def num_attempts(self) -> int:
+        return self.bad.num_attempts
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -515,18 +519,15 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch[0])
+        return self._epoch.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch``; seen by DataLoader workers, persistent ones too."""
-        self._epoch[0] = int(epoch)
+        self._epoch.set_epoch(epoch)
 
     def sample_seed(self, index: int, epoch: Optional[int] = None) -> int:
         """The generator seed of sample ``index`` in ``epoch`` (default: the current epoch)."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        words = [w & 0xFFFFFFFFFFFFFFFF for w in (self.seed, epoch, int(index))]
-        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-        return (int(state[0]) << 31) ^ int(state[1])
+        return sample_seed(self.seed, self.epoch if epoch is None else int(epoch), int(index))
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -543,19 +544,19 @@ class ImageListDataset(torch.utils.data.Dataset):
             path_index = (index + skipped) % n
             path = self._paths[path_index]
             if path in self.bad_paths:
-                self._count_failure(path, None)
+                self.bad.failed(path, None)
                 continue
             if encode:
                 encoded = self._encoded_jpeg(path, index)
                 if encoded is not None:
-                    self.num_attempts += 1
+                    self.bad.ok()
                     return {"id": index, "num_replaced": skipped, "path_index": path_index, **encoded}
             try:
                 img = load_rgb(path, self.min_short_side, self.max_pixels)
             except UnreadableImageError as e:
-                self._count_failure(path, e.reason)
+                self.bad.failed(path, e.reason)
                 continue
-            self.num_attempts += 1
+            self.bad.ok()
             if self.train:
                 generator = torch.Generator().manual_seed(self.sample_seed(index))
                 crop = train_crop(img, self.input_size, generator, self.scale, self.ratio)
@@ -571,7 +572,7 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def _encoded_jpeg(self, path: str, index: int) -> Optional[dict]:
         """The file's bytes with its crop box and flip when the device can decode it, else ``None``."""
-        from .device_decode import device_decodable_header, draw_augmentation
+        from .image_device import device_decodable_header, draw_augmentation
 
         try:
             with open(path, "rb") as f:
@@ -605,7 +606,7 @@ class ImageListDataset(torch.utils.data.Dataset):
                 return to_uint8_tensor(crop_resize_flip(img, box, self.input_size, flip)), 0
             raise UnreadableImageError(path, f"decoded size {img.size} differs from its header's")
         except UnreadableImageError as e:
-            self._count_failure(path, e.reason)
+            self.bad.failed(path, e.reason)
         already = (path_index - sample_index) % n
         item = self._load(sample_index, first=already + 1, pixels_only=True, encode=False)
         return item["pixels"], item["num_replaced"] - already
@@ -613,12 +614,12 @@ class ImageListDataset(torch.utils.data.Dataset):
     def record_device_decodes(self, count: int) -> None:
         """Count images decoded on the device as load attempts, so that the unreadable fraction measured in
         the training process (``fallback_crop``) has the right denominator."""
-        self.num_attempts += int(count)
+        self.bad.num_attempts += int(count)
 
     def collater(self, samples: Sequence[dict]) -> dict:
         if not self.device_decode or len(samples) == 0:
             return collate(samples)
-        from .device_decode import EncodedBatch
+        from .image_device import EncodedBatch
 
         return {
             "id": torch.tensor([s["id"] for s in samples], dtype=torch.long),
@@ -626,28 +627,6 @@ class ImageListDataset(torch.utils.data.Dataset):
             "nsamples": len(samples),
             "num_replaced": int(sum(s.get("num_replaced", 0) for s in samples)),
         }
-
-    def _count_failure(self, path: str, reason: Optional[str]) -> None:
-        self.num_bad += 1
-        self.num_attempts += 1
-        if reason is not None and path not in self.bad_paths:
-            self.bad_paths.add(path)
-            logger.warning("skipping unreadable image %s (%s); using the next image instead", path, reason)
-        self._check_bad_fraction()
-
-    def _check_bad_fraction(self) -> None:
-        limit = self.max_bad_fraction
-        too_many_files = len(self.bad_paths) > limit * len(self)
-        too_high_rate = (self.num_attempts >= min(self.min_attempts, len(self))
-                         and self.num_bad >= min(self.min_bad, len(self))
-                         and self.num_bad > limit * self.num_attempts)
-        if too_many_files or too_high_rate:
-            examples = ", ".join(repr(p) for p in sorted(self.bad_paths)[:5])
-            raise ImageDataError(
-                f"too many unreadable images: {self.num_bad} of {self.num_attempts} loads failed "
-                f"({len(self.bad_paths)} distinct files of {len(self)}), more than max_bad_fraction={limit}; "
-                f"e.g. {examples}. Remove or re-encode the bad files (or fix the image list), or raise "
-                f"max_bad_fraction if losing them is acceptable")
 
 
 def probe_images(paths: Sequence[str], n: int = 8, max_failed_fraction: float = 0.5,
