@@ -47,6 +47,52 @@ def make_teacher(path, seed=0, **overrides):
     return path
 
 
+TINY_TEXT = dict(embed_dim=32, depth=3, num_heads=4, max_source_positions=32, prenet_depth=0,
+                 average_top_k_layers=3)
+TINY_AUDIO = dict(embed_dim=32, depth=3, num_heads=4, conv_spec="[(32, 10, 5)] + [(32, 3, 2)] * 2", conv_pos_width=10,
+                  conv_pos_depth=2, conv_pos_groups=4, prenet_depth=0, average_top_k_layers=2)
+
+
+def make_sequence_teacher(path, modality: str, seed: int = 0, vocab_size: int = None, normalize: bool = True,
+                          **overrides):
+    """A randomly initialised data2vec2 text or audio model, written by the plugin in fairseq's layout (the
+    layouts are checked against fairseq's own loader in test_text_audio_parity). Text needs the
+    ``vocab_size`` of the dictionary it will read (dictionary + ``<mask>``); audio records ``normalize``."""
+    from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
+    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+    from fairseq_mmkd.encoders.text import TextEncoderConfig
+
+    o = {**(TINY_TEXT if modality == "text" else TINY_AUDIO), **overrides}
+    if modality == "text":
+        encoder = TextEncoderConfig(vocab_size=vocab_size, max_source_positions=o["max_source_positions"],
+                                    prenet_depth=o["prenet_depth"])
+    else:
+        encoder = AudioEncoderConfig(conv_spec=o["conv_spec"], conv_pos_width=o["conv_pos_width"],
+                                     conv_pos_depth=o["conv_pos_depth"], conv_pos_groups=o["conv_pos_groups"],
+                                     prenet_depth=o["prenet_depth"], alibi_heads=o["num_heads"], model_depth=o["depth"])
+    cfg = D2vConfig(modality=modality, embed_dim=o["embed_dim"], depth=o["depth"], num_heads=o["num_heads"],
+                    norm_eps=1e-5, encoder=encoder,
+                    targets=TargetConfig(average_top_k_layers=o["average_top_k_layers"], instance_norm_target_layer=True,
+                                         layer_norm_targets=False))
+    torch.manual_seed(seed)
+    model = D2vModel(cfg)
+    with torch.no_grad():  # away from the initial LayerNorm affines and zero biases, as in a trained model
+        for name, p in model.named_parameters():
+            if p.ndim <= 3:
+                p.add_(0.1 * torch.randn_like(p))
+    task = type(model.encoder).fairseq_task_cfg(encoder)
+    if modality == "audio":
+        task["normalize"] = normalize
+    save_d2v_checkpoint(model, path, task_cfg=task)
+    return path
+
+
+def dictionary_size(folder) -> int:
+    """Rows a teacher's token embedding needs for ``folder/dict.txt``: fairseq's 4 specials, the lines, <mask>."""
+    return 4 + sum(1 for _ in open(Path(folder) / "dict.txt")) + 1
+
+
 def write_photos(root: Path, classes: int = 3, per_class: int = 6, size=(48, 40), seed: int = 0):
     """An ImageFolder tree of small JPEG/PNG images with class-specific colour statistics."""
     from PIL import Image

@@ -5,6 +5,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -16,7 +17,11 @@ def test_readme_configuration_reference_matches_the_dataclasses():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_seed_config_writes_out_every_plugin_field():
+CONFIGS = ("kd_image.yaml", "kd_text.yaml", "kd_audio.yaml")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_seed_config_writes_out_every_plugin_field(name):
     """fairseq imports the plugin after Hydra composes the config: only fields written in the YAML can be
     overridden with plain `task.x=...`, so every field must be there (and nothing that does not exist)."""
     from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
@@ -24,7 +29,7 @@ def test_seed_config_writes_out_every_plugin_field():
     from fairseq_mmkd.kd_task import D2vKDTaskConfig
     from fairseq_mmkd.optim import TorchAdamWConfig
 
-    cfg = yaml.safe_load((REPO / "config" / "kd_image.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / name).read_text())
     for section, cls in (("task", D2vKDTaskConfig), ("model", D2vKDModelConfig),
                          ("criterion", D2vKDCriterionConfig), ("optimizer", TorchAdamWConfig)):
         # the optimizer's lr is fairseq's optimization.lr (as for fairseq's own optimizers)
@@ -32,8 +37,9 @@ def test_seed_config_writes_out_every_plugin_field():
         assert set(cfg[section]) == fields, (section, set(cfg[section]) ^ fields)
 
 
-def test_every_seed_config_value_carries_a_comment():
-    for line in (REPO / "config" / "kd_image.yaml").read_text().splitlines():
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_seed_config_value_carries_a_comment(name):
+    for line in (REPO / "config" / name).read_text().splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith(("#", "- ")) or stripped.endswith(":"):
             continue
