@@ -1,0 +1,196 @@
+"""Distilling text and audio teachers as users run it: the real ``fairseq-hydra-train`` with ``kd_text`` and
+``kd_audio`` on fairseq-preprocess output and wav2vec manifests, tiny teachers written in fairseq's format."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (REPO, dictionary_size, hydra_train, json_log_lines, make_sequence_teacher,
+                      write_audio_manifest, write_text_corpus)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+NO_RETRIEVAL = ["task.retrieval=false"]
+SIZES = {  # what makes the tiny runs tiny, on top of preset=tiny
+    "text": ["task.tokens_per_sample=16"],
+    "audio": ["task.min_sample_size=800", "task.max_sample_size=2000", "dataset.max_tokens=16000",
+              "dataset.batch_size=null", "optimization.update_freq=[1]"],
+}
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(300)]
+    return write_text_corpus(tmp_path_factory.mktemp("text") / "bin", lines)
+
+
+@pytest.fixture(scope="session")
+def audio_manifest(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    return write_audio_manifest(tmp_path_factory.mktemp("audio") / "clips",
+                                [int(n) for n in rng.integers(1000, 4000, size=40)])
+
+
+@pytest.fixture(scope="session")
+def sequence_setup(tmp_path_factory, text_corpus, audio_manifest):
+    """modality -> (data, teacher): tiny teachers whose sizes fit the data (text: the corpus' dictionary)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "text": (text_corpus, make_sequence_teacher(root / "text.pt", "text", vocab_size=dictionary_size(text_corpus))),
+        "audio": (audio_manifest, make_sequence_teacher(root / "audio.pt", "audio")),
+    }
+
+
+def args_for(setup, modality, *extra):
+    data, teacher = setup[modality]
+    return [f"task.data={data}", f"model.teacher_checkpoint={teacher}", *SIZES[modality], *extra]
+
+
+def train(save, setup, modality, *extra, **kwargs):
+    return hydra_train(save, *args_for(setup, modality, *extra), config=f"kd_{modality}", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sequence_setup):
+    """One 40-update run per modality from a random student."""
+    out = {}
+    for modality in ("text", "audio"):
+        save = tmp_path_factory.mktemp(f"{modality}_run") / "ckpt"
+        proc = train(save, sequence_setup, modality, *NO_RETRIEVAL, "model.student_init=random",
+                     "optimization.max_update=40")
+        out[modality] = save, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_loss_falls(runs, modality):
+    _, log = runs[modality]
+    rows = json_log_lines(log, "train_inner")
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) >= 5 and int(rows[-1]["num_updates"]) == 40
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert float(rows[-1]["pred_var"]) > 0.1 and float(rows[-1]["target_var"]) > 0.1
+    if modality == "text":  # wps counts real tokens: 8 blocks of 16 tokens (the last block of an epoch is short)
+        assert max(float(r["wpb"]) for r in rows) == 128.0
+    else:  # ... and audio samples: each batch is cropped to its shortest clip, at most 2,000 samples
+        assert all(float(r["wpb"]) <= 16000 for r in rows)
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_checkpoints_hold_no_teacher_blocks_and_load_without_the_teacher(runs, sequence_setup, modality, tmp_path):
+    from fairseq_mmkd.kd_model import load_student
+
+    save, _ = runs[modality]
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    keys = list(state["model"])
+    assert not any(".teacher_blocks." in k for k in keys)
+    local = "local_encoder.embed_tokens." if modality == "text" else "local_encoder.conv_layers."
+    assert any(k.startswith("distiller.shared_encoder." + local) for k in keys)
+    moved = tmp_path / "student.pt"
+    shutil.copy(save / "checkpoint_last.pt", moved)
+    student = load_student(moved)  # the teacher file is not needed (and not read)
+    assert student.modality == modality and student.distiller.teacher_blocks is None
+    if modality == "text":
+        source = torch.tensor([[0, 5, 6, 7, 2, 1, 1], [0, 8, 9, 10, 11, 12, 2]])
+    else:
+        source = torch.randn(2, 1600)
+    with torch.no_grad():
+        assert student.forward_features(source).shape[0] == 2
+    if modality == "audio":  # normalisation travels with the student (audio retrieval needs it)
+        assert student.teacher_task_cfg == {"normalize": True}
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_resume_is_exact(tmp_path, sequence_setup, modality):
+    """Interrupted at update 6 and resumed, the run ends with the weights, Adam moments and schedule of an
+    uninterrupted one: the same batches (fairseq's seeded shuffle) and the same audio crops (seeded per clip
+    and epoch)."""
+    common = ["lr_scheduler.max_update=14", "model.student_init=random", *NO_RETRIEVAL]
+    train(tmp_path / "straight", sequence_setup, modality, *common, "optimization.max_update=14")
+    train(tmp_path / "resumed", sequence_setup, modality, *common, "optimization.max_update=6")
+    resumed = train(tmp_path / "resumed", sequence_setup, modality, *common, "optimization.max_update=14")
+    out = resumed.stdout + resumed.stderr
+    assert "Loaded checkpoint" in out and "@ 6 updates" in out, out[-3000:]
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert b["optimizer_history"][-1]["num_updates"] == 14
+    assert b["optimizer_history"][-1]["lr_scheduler_state"] == a["optimizer_history"][-1]["lr_scheduler_state"]
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    moments = lambda s: [v["exp_avg_sq"] for v in s["last_optimizer_state"]["state"].values()]  # noqa: E731
+    for x, y in zip(moments(a), moments(b)):
+        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-5)
+
+
+def fails_before_training(save, config, *overrides) -> str:
+    proc = hydra_train(save, *overrides, config=config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "begin training" not in out and "Saving checkpoint" not in out, out[-3000:]
+    return out
+
+
+def test_data_of_another_modality_than_the_teacher_is_refused(tmp_path, sequence_setup, photo_folder, tiny_teacher):
+    text_data, text_teacher = sequence_setup["text"]
+    audio_data, audio_teacher = sequence_setup["audio"]
+    out = fails_before_training(tmp_path / "a", "kd_audio", f"task.data={text_data}",
+                                f"model.teacher_checkpoint={audio_teacher}", *NO_RETRIEVAL)
+    assert f"task.data={text_data} holds text (fairseq-preprocess output" in out and "is a data2vec 2.0 audio model" in out
+    out = fails_before_training(tmp_path / "b", "kd_text", f"task.data={photo_folder}",
+                                f"model.teacher_checkpoint={text_teacher}", *NO_RETRIEVAL)
+    assert "holds images" in out and "is a data2vec 2.0 text model" in out
+    out = fails_before_training(tmp_path / "c", "kd_image", f"task.data={audio_data}",
+                                f"model.teacher_checkpoint={tiny_teacher}", *NO_RETRIEVAL,
+                                "checkpoint.best_checkpoint_metric=loss", "checkpoint.maximize_best_checkpoint_metric=false")
+    assert "holds audio (a wav2vec manifest" in out and "is a data2vec 2.0 image model" in out
+
+
+def test_text_of_another_dictionary_is_one_line(tmp_path, sequence_setup, text_corpus):
+    other = make_sequence_teacher(tmp_path / "other.pt", "text", vocab_size=dictionary_size(text_corpus) + 7)
+    out = fails_before_training(tmp_path / "ckpt", "kd_text", f"task.data={text_corpus}",
+                                f"model.teacher_checkpoint={other}", *NO_RETRIEVAL, *SIZES["text"])
+    assert f"(+ <mask> = {dictionary_size(text_corpus)} embedding rows), but the teacher's token embedding has " \
+           f"{dictionary_size(text_corpus) + 7} rows" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("case", ["empty_text", "missing_shard", "manifest_root_missing", "clips_too_short"])
+def test_bad_text_and_audio_data_fail_before_training(case, tmp_path, sequence_setup, audio_manifest):
+    modality = "text" if case in ("empty_text", "missing_shard") else "audio"
+    data, teacher = sequence_setup[modality]
+    extra = list(SIZES[modality])
+    if case == "empty_text":
+        data, expect = write_text_corpus(tmp_path / "empty", []), "holds no tokens"
+    elif case == "missing_shard":
+        data, expect = f"{data}:{tmp_path / 'nope'}", "shard"
+    elif case == "manifest_root_missing":
+        folder = tmp_path / "manifest"
+        folder.mkdir()
+        (folder / "train.tsv").write_text("/nonexistent/librispeech\na.flac\t32000\n")
+        data, expect = folder, "the audio root folder '/nonexistent/librispeech' on the first line"
+    else:
+        extra = [e for e in extra if not e.startswith("task.min_sample_size")] + ["task.min_sample_size=100000"]
+        expect = "are shorter than min_sample_size=100000 samples; lower task.min_sample_size"
+    out = fails_before_training(tmp_path / "ckpt", f"kd_{modality}", f"task.data={data}",
+                                f"model.teacher_checkpoint={teacher}", *NO_RETRIEVAL, *extra)
+    assert expect in out, out[-3000:]
+
+
+def test_unreadable_audio_files_are_skipped_counted_and_named(tmp_path, sequence_setup, audio_manifest):
+    folder = tmp_path / "clips"
+    shutil.copytree(audio_manifest, folder)
+    tsv = folder / "train.tsv"
+    tsv.write_text(tsv.read_text().replace(str(audio_manifest), str(folder), 1))
+    (folder / "clip_3.flac").write_bytes(b"not audio")
+    _, teacher = sequence_setup["audio"]
+    proc = hydra_train(tmp_path / "ckpt", f"task.data={folder}", f"model.teacher_checkpoint={teacher}",
+                       *SIZES["audio"], *NO_RETRIEVAL, "optimization.max_update=10", "task.max_bad_audio_fraction=0.2",
+                       config="kd_audio")
+    out = proc.stdout + proc.stderr
+    assert "clip_3.flac" in out
+    rows = json_log_lines(out, "train_inner") + json_log_lines(out, "train")
+    assert any(float(r.get("bad_audio_files", 0)) >= 1 for r in rows), out[-2000:]
