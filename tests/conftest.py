@@ -183,6 +183,43 @@ def tiny_cifar(tmp_path_factory):
     return root
 
 
+SIZES = {  # what makes the tiny runs tiny, on top of preset=tiny
+    "text": ["task.tokens_per_sample=16"],
+    "audio": ["task.min_sample_size=800", "task.max_sample_size=2000", "dataset.max_tokens=16000",
+              "dataset.batch_size=null", "optimization.update_freq=[1]"],
+}
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(300)]
+    return write_text_corpus(tmp_path_factory.mktemp("text") / "bin", lines)
+
+
+@pytest.fixture(scope="session")
+def audio_manifest(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    return write_audio_manifest(tmp_path_factory.mktemp("audio") / "clips",
+                                [int(n) for n in rng.integers(1000, 4000, size=40)])
+
+
+@pytest.fixture(scope="session")
+def sequence_setup(tmp_path_factory, text_corpus, audio_manifest):
+    """modality -> (data, teacher): tiny teachers whose sizes fit the data (text: the corpus' dictionary)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "text": (text_corpus, make_sequence_teacher(root / "text.pt", "text", vocab_size=dictionary_size(text_corpus))),
+        "audio": (audio_manifest, make_sequence_teacher(root / "audio.pt", "audio")),
+    }
+
+
+def args_for(setup, modality, *extra):
+    data, teacher = setup[modality]
+    return [f"task.data={data}", f"model.teacher_checkpoint={teacher}", *SIZES[modality], *extra]
+
+
 def hydra_train(save_dir, *overrides, config="kd_image", preset="tiny", env=None, timeout=600, check=True, launcher=()):
     """Run the real ``fairseq-hydra-train`` from the repo root; returns the CompletedProcess."""
     cmd = [*launcher, str(BIN / "fairseq-hydra-train"), "--config-dir", "config", "--config-name", config, *([f"preset={preset}"] if preset else []),

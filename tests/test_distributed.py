@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from conftest import BIN, hydra_train, json_log_lines
+from conftest import BIN, args_for, hydra_train, json_log_lines
 
 DISTRIBUTED = [
     "distributed_training.distributed_world_size=2",
@@ -74,3 +74,24 @@ def test_rerun_of_a_finished_distributed_run_exits_on_every_worker(runs):
     assert out.count("run already complete") == 1, out[-3000:]  # logged once, by rank 0
     assert "begin training" not in out and "Loaded checkpoint" not in out
     assert {p.name: p.read_bytes() for p in save.glob("*.pt")} == before
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_text_and_audio_two_processes_agree_with_one(tmp_path, sequence_setup, modality):
+    """The same for padded text batches (loss normalised by the valid tokens of all workers) and audio batches
+    sized by max_tokens (per-clip crop seeds do not depend on the worker)."""
+    common = [*args_for(sequence_setup, modality), "task.retrieval=false", "optimization.max_update=8",
+              "dataset.validate_interval_updates=8", "model.student_init=random"]
+    if modality == "text":
+        common.append("dataset.batch_size=4")
+    one = hydra_train(tmp_path / "one", *common, "optimization.update_freq=[2]", config=f"kd_{modality}")
+    two = hydra_train(tmp_path / "two", *common, *DISTRIBUTED, launcher=launcher(), config=f"kd_{modality}",
+                      env={"MASTER_ADDR": "127.0.0.1"})
+    a = torch.load(tmp_path / "one" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 8
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    la = [float(r["loss"]) for r in json_log_lines(one.stdout + one.stderr, "train_inner")]
+    lb = [float(r["loss"]) for r in json_log_lines(two.stdout + two.stderr, "train_inner")]
+    assert la and la == pytest.approx(lb, abs=1e-3)
