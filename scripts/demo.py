@@ -1,15 +1,17 @@
 """The offline demo: build data and (if needed) a teacher, run the real training, print the outcome.
 
 Called by scripts/demo.sh in two steps:
-    python scripts/demo.py prepare --out DIR [--teacher CKPT]   # data + teacher, printed as shell variables
-    python scripts/demo.py report --out DIR --seconds N         # the final table
+    python scripts/demo.py prepare --out DIR [--modality M] [--teacher CKPT]   # data + teacher, as shell variables
+    python scripts/demo.py report --out DIR [--modality M] --seconds N         # the final table
 
-Data: the photographs bundled with scikit-image (no download). Random crops of them form the training
-ImageFolder (labels ignored by training), and a labelled retrieval set in CIFAR-100's pickle layout whose
-class is the source photograph; its train and test crops come from different positions of the photo.
-Teacher: the checkpoint you pass, or a small randomly initialised data2vec2 ViT written with the plugin's
-own code. A random ViT's pooled features still carry colour and texture statistics, so it retrieves
-photo crops far above chance; the randomly initialised student climbs towards it as it learns to mimic it.
+Images (the default): the photographs bundled with scikit-image (no download). Random crops of them form the
+training ImageFolder (labels ignored by training), and a labelled retrieval set in CIFAR-100's pickle layout
+whose class is the source photograph; its train and test crops come from different positions of the photo.
+Text (``scripts/demo_text.py``): docstrings of Python's standard library, binarized by fairseq-preprocess;
+retrieval by module. Audio (``scripts/demo_audio.py``): eight kinds of synthesised sounds; retrieval by kind.
+Teacher: the checkpoint you pass, or a small randomly initialised data2vec2 model of the modality written with
+the plugin's own code. A random model's pooled features still carry the input's statistics (colour and
+texture; word choice; pitch and rhythm), so it retrieves far above chance; the student learns to mimic it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ PHOTOS = ["astronaut", "brick", "camera", "chelsea", "cell", "clock", "coffee", 
           "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina",
           "rocket", "stereo_motorcycle", "text"]
 DEMO_TEACHER = dict(embed_dim=192, num_heads=3, depth=4, prenet_depth=1, input_size=64, patch_size=8)
+DEMO_SEQUENCE_TEACHER = dict(embed_dim=128, num_heads=4, depth=4, text_positions=64,
+                             audio_conv="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2")
+UNITS = {"image": "images/s", "text": "tokens/s", "audio": "samples/s"}
 
 
 def load_photos() -> dict:
@@ -114,6 +119,56 @@ def write_random_teacher(path, seed: int = 0) -> None:
     save_d2v_checkpoint(model, path)
 
 
+def prepare_sequences(out: Path, modality: str, teacher: str | None, seed: int = 0) -> dict:
+    """Text or audio demo data (``demo_text.py`` / ``demo_audio.py``) and, without ``teacher``, a random one."""
+    if modality == "text":
+        from demo_text import prepare_text
+
+        found = prepare_text(out, seed=seed)
+    else:
+        from demo_audio import prepare_audio
+
+        found = prepare_audio(out, seed=seed)
+    vocab = found.pop("VOCAB", None)
+    made = teacher is None
+    if made:
+        teacher = str(out / f"teacher_random_d2v2_{modality}.pt")
+        if not Path(teacher).exists():
+            write_random_sequence_teacher(teacher, modality, vocab, seed)
+    return {**found, "TEACHER": teacher, "RANDOM_TEACHER": int(made)}
+
+
+def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, seed: int = 0) -> None:
+    """A small text or audio data2vec2 model with data2vec2's own initialisation, saved in fairseq layout."""
+    import torch
+
+    from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
+    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.distill import init_random_
+    from fairseq_mmkd.encoders.audio import AudioEncoderConfig
+    from fairseq_mmkd.encoders.text import TextEncoderConfig
+
+    t = DEMO_SEQUENCE_TEACHER
+    if modality == "text":
+        encoder = TextEncoderConfig(vocab_size=vocab_size, max_source_positions=t["text_positions"], prenet_depth=0)
+    else:
+        encoder = AudioEncoderConfig(conv_spec=t["audio_conv"], conv_pos_width=30, conv_pos_depth=3, conv_pos_groups=8,
+                                     prenet_depth=0, alibi_heads=t["num_heads"], model_depth=t["depth"])
+    cfg = D2vConfig(modality=modality, embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
+                    norm_eps=1e-5, encoder=encoder,
+                    targets=TargetConfig(average_top_k_layers=t["depth"], instance_norm_target_layer=True,
+                                         layer_norm_targets=False))
+    torch.manual_seed(seed)
+    model = D2vModel(cfg)
+    init_random_(model)
+    if modality == "text":  # N(0, 0.02) embeddings as data2vec2 (init_bert_params), the pad row zero
+        for emb in (model.encoder.local_encoder.embed_tokens, model.encoder.local_encoder.embed_positions):
+            torch.nn.init.normal_(emb.weight, std=0.02)
+            with torch.no_grad():
+                emb.weight[encoder.pad_idx].zero_()
+    save_d2v_checkpoint(model, path)
+
+
 def json_lines(log: Path, kind: str) -> list:
     rows = []
     for line in log.read_text().splitlines():
@@ -125,7 +180,14 @@ def json_lines(log: Path, kind: str) -> list:
     return rows
 
 
-def report(out: Path, seconds: float, random_teacher: bool) -> int:
+def retrieval_set(row: dict) -> str:
+    """The name of the (first) retrieval set in a valid log row: ``cifar100``, ``docstrings``, ``sounds``."""
+    names = [k[len("valid_"):-len("_top1")] for k in row if k.startswith("valid_") and k.endswith("_top1")
+             and not k.startswith("valid_teacher_") and "_inv_" not in k]
+    return "cifar100" if "cifar100" in names else names[0]
+
+
+def report(out: Path, seconds: float, random_teacher: bool, modality: str = "image") -> int:
     import torch
 
     save = out / "checkpoints"
@@ -135,24 +197,31 @@ def report(out: Path, seconds: float, random_teacher: bool) -> int:
         print(f"no validation results in {log}", file=sys.stderr)
         return 1
     first, last = valid[0], valid[-1]
-    names = [("top-1", "cifar100_top1"), ("top-3", "cifar100_top3"), ("inverse top-1", "cifar100_inv_top1"),
-             ("inverse top-3", "cifar100_inv_top3")]
+    name = retrieval_set(last)
+    names = [("top-1", f"{name}_top1"), ("top-3", f"{name}_top3"), ("inverse top-1", f"{name}_inv_top1"),
+             ("inverse top-3", f"{name}_inv_top3")]
     ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     student = sum(v.numel() for k, v in ckpt["model"].items() if ".student_blocks." in k or ".head." in k)
     encoder = sum(v.numel() for k, v in ckpt["model"].items() if ".shared_encoder." in k)
-    from fairseq_mmkd import load_d2v_image
+    from fairseq_mmkd import load_d2v
 
-    teacher = load_d2v_image(ckpt["cfg"]["model"]["teacher_checkpoint"])
+    teacher = load_d2v(ckpt["cfg"]["model"]["teacher_checkpoint"])
     teacher_blocks = sum(p.numel() for p in teacher.blocks.parameters())
     ips = [float(r["wps"]) for r in json_lines(log, "train_inner")]
-    n_classes = len(PHOTOS)
+    classes = {"image": (len(PHOTOS), "scikit-image photo crops", "CIFAR-100 layout")}.get(modality)
+    if classes is None:
+        from demo_audio import KINDS
+        from demo_text import LABELLED_MODULES
+
+        classes = ((len(LABELLED_MODULES), "standard-library docstrings by module", "GLUE-style folder")
+                   if modality == "text" else (len(KINDS), "synthesised sounds by kind", "wav2vec manifests"))
+    n_classes, what, layout = classes
 
     print()
     print("=" * 72)
-    print(f"fairseq_mmkd demo: {'RANDOMLY INITIALISED demo teacher' if random_teacher else 'your teacher'}, "
+    print(f"fairseq_mmkd {modality} demo: {'RANDOMLY INITIALISED demo teacher' if random_teacher else 'your teacher'}, "
           f"{int(last['valid_num_updates']) if 'valid_num_updates' in last else '?'} updates")
-    print(f"zero-shot retrieval of scikit-image photo crops ({n_classes} classes, chance "
-          f"{100 / n_classes:.0f}% top-1), CIFAR-100 layout")
+    print(f"zero-shot retrieval of {what} ({n_classes} classes, chance {100 / n_classes:.0f}% top-1), {layout}")
     print("-" * 72)
     print(f"{'metric':<16}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
     for label, key in names:
@@ -162,11 +231,12 @@ def report(out: Path, seconds: float, random_teacher: bool) -> int:
     print(f"parameters: trainable student {student / 1e6:.2f}M | frozen shared encoder {encoder / 1e6:.2f}M | "
           f"teacher blocks (not saved) {teacher_blocks / 1e6:.2f}M")
     if ips:
-        print(f"training speed: {sum(ips) / len(ips):.0f} images/s (mean of logged intervals, this machine)")
+        print(f"training speed: {sum(ips) / len(ips):.0f} {UNITS[modality]} (mean of logged intervals, this machine)")
     print(f"distillation loss: {json_lines(log, 'train_inner')[0]['loss']} at the start -> "
           f"{json_lines(log, 'train_inner')[-1]['loss']} at the end")
     print(f"checkpoints: {save}/checkpoint_best.pt, checkpoint_last.pt")
-    print(f"log: {log}   pictures: {save}/retrieval_examples.png, {out}/metrics.png")
+    pictures = f"{save}/retrieval_examples.png, " if modality == "image" else ""
+    print(f"log: {log}   pictures: {pictures}{out}/metrics.png")
     print(f"demo took {seconds:.0f} s")
     print("=" * 72)
     return 0
@@ -177,22 +247,28 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare")
     a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--modality", choices=("image", "text", "audio"), default="image")
     a.add_argument("--teacher", default=None)
     a.add_argument("--train-per-photo", type=int, default=40)
     a.add_argument("--retrieval-train", type=int, default=30)
     a.add_argument("--retrieval-test", type=int, default=10)
     b = sub.add_parser("report")
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--modality", choices=("image", "text", "audio"), default="image")
     b.add_argument("--seconds", type=float, default=0.0)
     b.add_argument("--random-teacher", type=int, default=1)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        for k, v in prepare(args.out, args.teacher, args.train_per_photo, args.retrieval_train,
-                            args.retrieval_test).items():
+        if args.modality == "image":
+            found = prepare(args.out, args.teacher, args.train_per_photo, args.retrieval_train, args.retrieval_test)
+        else:
+            found = prepare_sequences(args.out, args.modality, args.teacher)
+        for k, v in found.items():
             print(f"{k}={v}")
         return 0
-    return report(args.out, args.seconds, bool(args.random_teacher))
+    return report(args.out, args.seconds, bool(args.random_teacher), args.modality)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_text.py, demo_audio.py
     sys.exit(main())
