@@ -159,3 +159,51 @@ def test_bad_manifests_are_one_line(tmp_path, problem, expected):
     with pytest.raises(audio_data.AudioDataError) as info:
         audio_data.load_audio_clips(folder, normalize=True, min_sample_size=32000)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# preparing audio folders (what the README tells users to run)
+
+
+def test_fairseqs_manifest_script_writes_what_the_pipeline_reads(tmp_path):
+    import subprocess
+    import sys
+
+    src = write_audio_manifest(tmp_path / "audio", [1600, 2400, 3200])
+    dest = tmp_path / "manifest"
+    dest.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fairseq.examples.wav2vec.wav2vec_manifest", str(src), "--dest",
+                           str(dest), "--ext", "flac", "--valid-percent", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    clips = audio_data.load_audio_clips(dest, normalize=True)
+    assert sorted(int(n) for n in clips.sizes) == [1600, 2400, 3200]
+    assert len(clips[0]["source"]) == clips.sizes[0]
+
+
+def test_prepare_audio_folder_splits_labelled_clips(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    src = tmp_path / "commands"
+    for label in ("yes", "no", "_background_noise_"):
+        (src / label).mkdir(parents=True)
+        for i in range(4):
+            soundfile.write(src / label / f"{i}.wav", np.zeros(1600 * (i + 1), np.float32), 16000)
+    (src / "validation_list.txt").write_text("yes/0.wav\nno/3.wav\n")
+    (src / "testing_list.txt").write_text("no/2.wav\n")
+    dest = tmp_path / "folder"
+    cmd = [sys.executable, str(REPO / "scripts" / "prepare_audio_folder.py"), str(src), str(dest), "--valid-list",
+           str(src / "validation_list.txt"), "--exclude-list", str(src / "testing_list.txt")]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    root, valid = audio_data.read_manifest(str(dest / "valid.tsv"))
+    assert root == str(src) and valid == [("no/3.wav", 6400), ("yes/0.wav", 1600)]
+    assert (dest / "valid.label").read_text().split() == ["no", "yes"]
+    _, train = audio_data.read_manifest(str(dest / "train.tsv"))
+    assert len(train) == 5 and ("no/2.wav", 4800) not in train  # 8 clips - 2 valid - 1 test; noise skipped
+    assert (dest / "train.label").read_text().split() == ["no", "no", "yes", "yes", "yes"]
+    soundfile.write(src / "yes" / "8k.wav", np.zeros(800, np.float32), 8000)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "yes/8k.wav (8000 Hz)" in proc.stderr
