@@ -28,8 +28,32 @@ def teacher_block_indices(student_init: str, student_depth: int, teacher_depth: 
     if student_init == "teacher_first":
         return list(range(student_depth))
     if student_init == "teacher_spread":  # evenly spaced, last block included
-        return torch.linspace(0, teacher_depth - 1, student_depth).round().long().tolist()
+        return spread_indices(student_depth, teacher_depth)
     raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
+
+
+def spread_indices(count: int, depth: int) -> list[int]:
+    """``count`` block indices evenly spaced over ``depth`` blocks, first and last included."""
+    return torch.linspace(0, depth - 1, count).round().long().tolist()
+
+
+def build_student(cfg: D2vConfig, depth: int, prediction: str, drop_path: float = 0.0, heads: int = 1):
+    """The trainable part of a distiller, randomly initialised: ``(blocks, final norm or None, [head, ...])``.
+
+    ``depth`` blocks of the teacher's block type (stochastic depth rising linearly to ``drop_path``), the final
+    LayerNorm of pre-LN models, and ``heads`` linear regression heads when ``prediction == "head"``.
+    """
+    if depth < 1:
+        raise ValueError(f"student_depth must be >= 1, got {depth}")
+    rates = torch.linspace(0, drop_path, depth).tolist()
+    blocks = nn.ModuleList(cfg.make_block(r, preln_upstream_quirk=False) for r in rates)
+    norm = (nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+            if cfg.layer_norm_first else None)
+    head_list = [nn.Linear(cfg.embed_dim, cfg.embed_dim) for _ in range(heads)] if prediction == "head" else []
+    init_random_(blocks)
+    for head in head_list:
+        init_random_(head)
+    return blocks, norm, head_list
 
 
 def init_random_(module: nn.Module) -> None:
@@ -61,8 +85,6 @@ class Distiller(nn.Module):
     def __init__(self, teacher: D2vModel, student_depth: int = 6, student_init: str = "teacher_first",
                  prediction: str = "layer_average", drop_path: float = 0.0, keep_teacher_blocks: bool = True):
         super().__init__()
-        if student_depth < 1:
-            raise ValueError(f"student_depth must be >= 1, got {student_depth}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         cfg: D2vConfig = teacher.cfg
@@ -70,14 +92,8 @@ class Distiller(nn.Module):
         self.prediction = prediction
         self.shared_encoder = teacher.encoder.requires_grad_(False)
         self.teacher_blocks = teacher.blocks.requires_grad_(False) if keep_teacher_blocks else None
-        rates = torch.linspace(0, drop_path, student_depth).tolist()
-        self.student_blocks = nn.ModuleList(cfg.make_block(r, preln_upstream_quirk=False) for r in rates)
-        self.student_norm = (nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
-                             if cfg.layer_norm_first else None)
-        self.head = nn.Linear(cfg.embed_dim, cfg.embed_dim) if prediction == "head" else None
-        init_random_(self.student_blocks)
-        if self.head is not None:
-            init_random_(self.head)
+        self.student_blocks, self.student_norm, heads = build_student(cfg, student_depth, prediction, drop_path)
+        self.head = heads[0] if heads else None
         if keep_teacher_blocks:
             for s, t in enumerate(teacher_block_indices(student_init, student_depth, cfg.depth)):
                 self.student_blocks[s].load_state_dict(teacher.blocks[t].state_dict())
@@ -87,8 +103,20 @@ class Distiller(nn.Module):
         # ALiBi bias per layer (learned_alibi_scale_per_layer): the block it was copied from, else spread.
         self.student_bias_layers = (teacher_block_indices(student_init, student_depth, cfg.depth)
                                     if student_init != "random" and student_depth <= cfg.depth else
-                                    torch.linspace(0, cfg.depth - 1, student_depth).round().long().tolist())
+                                    spread_indices(student_depth, cfg.depth))
         self.frozen_modules().eval()
+
+    @classmethod
+    def assemble(cls, cfg: D2vConfig, shared_encoder, teacher_blocks, student_blocks, student_norm, head,
+                 prediction: str, student_bias_layers) -> "Distiller":
+        """A distiller made of existing modules (no copies, no initialisation): how a multimodal student
+        serves each modality with the single-modality code (``multimodal.MultimodalDistiller.view``)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.cfg, self.prediction, self.student_bias_layers = cfg, prediction, list(student_bias_layers)
+        self.shared_encoder, self.teacher_blocks = shared_encoder, teacher_blocks
+        self.student_blocks, self.student_norm, self.head = student_blocks, student_norm, head
+        return self
 
     def frozen_modules(self) -> nn.ModuleList:
         return nn.ModuleList([m for m in (self.shared_encoder, self.teacher_blocks) if m is not None])
