@@ -22,4 +22,4 @@ if importlib.util.find_spec("fairseq") is not None:
 
     quiet.install()
     with quiet.fairseq_import():
-        from . import kd_criterion, kd_model, kd_task, optim  # noqa: F401  (registers d2v_kd and torch_adamw)
+        from . import kd_criterion, kd_model, kd_multimodal, kd_task, optim  # noqa: F401  (registers d2v_kd, d2v_kd_multimodal, torch_adamw)

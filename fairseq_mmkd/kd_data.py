@@ -359,3 +359,125 @@ class AudioData(TrainingData):
     def valid(self, count: int):
         clips = self.clips(train=False)
         return ValidRound(clips, count, clips.collater)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several modalities in one training step (the multimodal task)
+
+
+class ModalityStream:
+    """One modality's sequence of training batches across its own epochs, as a pure function of the step.
+
+    Its epoch ``e`` is exactly what fairseq would train on alone: the modality's dataset for epoch ``e``
+    (``data.train(e)``, augmentation seeded by ``(seed, e, sample)``), ordered under fairseq's numpy seed
+    ``seed + e`` and cut by ``batch_by_size``. Step ``g`` (counted over the whole run) takes the next batch
+    of this sequence, so a resumed run, any DataLoader worker and any rank find the same batch for the
+    same step without any state.
+    """
+
+    def __init__(self, data, max_tokens, max_sentences, seed: int):
+        self.data, self.max_tokens, self.max_sentences, self.seed = data, max_tokens, max_sentences, int(seed)
+        self._datasets, self._batches, self._ends = {}, {}, [0]
+
+    def dataset(self, epoch: int):
+        """This process's dataset object for ``epoch`` (set to that epoch; workers build their own)."""
+        if epoch not in self._datasets:
+            if len(self._datasets) > 1:  # an image or audio dataset holds every path: keep two epochs at most
+                self._datasets.pop(min(self._datasets))
+            dataset = self.data.train(epoch)
+            dataset.set_epoch(epoch)
+            self._datasets[epoch] = dataset
+        return self._datasets[epoch]
+
+    def batches(self, epoch: int) -> list:
+        """fairseq's frozen batches of ``epoch`` (before its per-epoch shuffle of the batch order)."""
+        if epoch not in self._batches:
+            from fairseq.data import data_utils
+
+            if len(self._batches) > 4:
+                self._batches.pop(min(self._batches))
+            dataset = self.dataset(epoch)
+            with data_utils.numpy_seed(self.seed + epoch):
+                indices = dataset.ordered_indices()
+            self._batches[epoch] = [list(b) for b in dataset.batch_by_size(
+                indices, max_tokens=self.max_tokens, max_sentences=self.max_sentences)]
+        return self._batches[epoch]
+
+    def locate(self, step: int) -> tuple:
+        """``(epoch, batch index)`` of the run's ``step``-th batch (0-based)."""
+        while self._ends[-1] <= step:
+            self._ends.append(self._ends[-1] + len(self.batches(len(self._ends))))
+        epoch = next(e for e in range(1, len(self._ends)) if step < self._ends[e])
+        return epoch, step - self._ends[epoch - 1]
+
+    def batch(self, step: int) -> dict:
+        epoch, index = self.locate(step)
+        dataset = self.dataset(epoch)
+        return dataset.collater([dataset[i] for i in self.batches(epoch)[index]])
+
+
+class StepDataset(FairseqDataset):
+    """The multimodal training set fairseq iterates: item ``s`` of epoch ``E`` is one training step, whose
+    batch holds one batch of every modality (``{"modalities": {m: batch}}``).
+
+    An epoch has as many steps as the modality with the most batches per epoch (the primary one) has batches in
+    its epoch ``E``; with ``dataset.batch_size=1`` fairseq shuffles, shards and checkpoints the steps as it
+    would that modality's batches alone. With a single modality a run therefore sees exactly the batches, in
+    the order, of the single-modality task.
+    """
+
+    def __init__(self, streams: dict, epoch: int):
+        self.streams = streams
+        self.epoch = int(epoch)
+        self.primary = max(streams, key=lambda m: len(streams[m].batches(1)))
+        primary = streams[self.primary]
+        self.offset = sum(len(primary.batches(e)) for e in range(1, self.epoch))  # the run's earlier steps
+        self.length = len(primary.batches(self.epoch))
+
+    def __getitem__(self, index):
+        return int(index)
+
+    def __len__(self):
+        return self.length
+
+    def num_tokens(self, index):
+        return 1
+
+    def size(self, index):
+        return 1
+
+    def ordered_indices(self):
+        return np.arange(self.length)
+
+    def collater(self, samples):
+        if not samples:
+            return {}
+        step = self.offset + samples[0]
+        modalities = {m: stream.batch(step) for m, stream in self.streams.items()}
+        return {"modalities": modalities, "id": torch.tensor([step]),
+                "nsamples": sum(b["nsamples"] for b in modalities.values())}
+
+
+class MultiValidRound(FairseqDataset):
+    """One validation batch holding every modality's fixed validation batch (see ``ValidRound``)."""
+
+    def __init__(self, rounds: dict):
+        self.rounds = rounds
+
+    def __getitem__(self, index):
+        return index
+
+    def __len__(self):
+        return 1
+
+    def collater(self, samples):
+        if not samples:
+            return {}
+        modalities = {m: r.collater([0]) for m, r in self.rounds.items()}
+        return {"modalities": modalities, "nsamples": sum(b["nsamples"] for b in modalities.values())}
+
+    def num_tokens(self, index):
+        return 1
+
+    def size(self, index):
+        return 1

@@ -1,0 +1,412 @@
+"""fairseq task, model and criterion ``d2v_kd_multimodal``: one student distilled from image, text and audio
+teachers at once (``config/kd_multimodal.yaml``).
+
+Each teacher given (``model.image_teacher``, ``model.text_teacher``, ``model.audio_teacher``; an empty one
+switches its modality off) brings its frozen modality encoder and blocks; one student stack learns from all
+(``multimodal.MultimodalDistiller``). Every update sees one batch of every active modality
+(``kd_data.StepDataset``: each modality's data runs through its own epochs, shuffles and augmentation seeds,
+exactly as it would alone, so a resumed run continues every modality where it stopped). The losses are summed,
+weighted by ``task.modality_weights`` (default: every regressed element counts the same, whatever its
+modality), into one optimizer step. Validation runs each modality's zero-shot retrieval under the metric
+names of the single-modality task, with the teachers' once per run.
+
+With a single teacher the run is the single-modality ``d2v_kd`` run with the same settings: the same batches,
+initialisation, loss and updates (tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.tasks import FairseqTask, register_task
+
+from . import guards, kd_data, save_dir
+from .checkpoint import CheckpointError, load_d2v
+from .d2v_model import D2vModel
+from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
+from .kd_model import arch_from_json, arch_to_json, teacher_data_settings
+from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_settings, check_teacher, load_retrieval_sets,
+                      retrieval_progress)
+from .multimodal import MODALITY_ORDER, MultimodalDistiller, student_inits
+
+logger = logging.getLogger(__name__)
+
+TEACHER_PREFIX = "distiller.teacher_blocks."
+# Fields of the single-modality task that name one modality's data: replaced by per-modality ones here.
+SINGLE_MODALITY_FIELDS = ("data", "retrieval_folder", "retrieval_examples")
+
+
+@dataclass
+class _MultimodalFields:
+    image_data: str = field(default="", metadata={
+        "help": "training images (ImageFolder layout or a list file); empty: no image modality"})
+    text_data: str = field(default="", metadata={
+        "help": "training text (fairseq-preprocess output with the text teacher's dictionary; DIR1:DIR2 shards); "
+                "empty: no text modality"})
+    audio_data: str = field(default="", metadata={
+        "help": "training audio (a wav2vec manifest folder of 16 kHz files); empty: no audio modality"})
+    image_batch_size: Optional[int] = field(default=256, metadata={"help": "images per GPU and update"})
+    text_batch_size: Optional[int] = field(default=64, metadata={"help": "text blocks per GPU and update"})
+    text_max_tokens: Optional[int] = field(default=None, metadata={"help": "or: text tokens per GPU and update"})
+    audio_batch_size: Optional[int] = field(default=None, metadata={"help": "audio clips per GPU and update"})
+    audio_max_tokens: Optional[int] = field(default=1000000, metadata={
+        "help": "or: audio samples per GPU and update (data2vec 2.0: 1,000,000)"})
+    modality_weights: Dict[str, float] = field(default_factory=dict, metadata={
+        "help": "weight of each modality's summed squared error, e.g. {image: 1, text: 0.5}; missing: 1, so by "
+                "default every regressed element counts the same whatever its modality"})
+    image_retrieval_folder: Optional[str] = field(default=None, metadata={
+        "help": "an image retrieval set of your own (train/ and test/ in ImageFolder layout), besides CIFAR"})
+    text_retrieval_folder: Optional[str] = field(default=None, metadata={
+        "help": "labelled text for retrieval: a sentence-classification folder as RoBERTa's GLUE preprocessing "
+                "writes it (input0/, label/)"})
+    audio_retrieval_folder: Optional[str] = field(default=None, metadata={
+        "help": "labelled audio for retrieval: train.tsv/valid.tsv manifests with train.label/valid.label"})
+
+
+def _copy(f: dataclasses.Field):
+    kw = {"metadata": f.metadata}
+    if f.default is not dataclasses.MISSING:
+        kw["default"] = f.default
+    else:
+        kw["default_factory"] = f.default_factory
+    return f.name, f.type, field(**kw)
+
+
+# The multimodal task takes every setting of the single-modality one (crops, blocks, clips, retrieval, k-NN,
+# loaders; same meaning, same defaults) except the data paths, which it has per modality.
+D2vKDMultimodalTaskConfig = dataclasses.make_dataclass(
+    "D2vKDMultimodalTaskConfig",
+    [_copy(f) for f in dataclasses.fields(_MultimodalFields)]
+    + [_copy(f) for f in dataclasses.fields(D2vKDTaskConfig) if f.name not in SINGLE_MODALITY_FIELDS],
+    bases=(FairseqDataclass,))
+D2vKDMultimodalTaskConfig.__module__ = __name__
+
+
+class ModalityView:
+    """One modality's part of the multimodal task config, read as the single-modality task's config (``data``,
+    ``retrieval_folder``; CIFAR only for images), for the data and retrieval code."""
+
+    def __init__(self, cfg, modality: str):
+        self._cfg, self._modality = cfg, modality
+
+    def __getattr__(self, name):
+        m = self._modality
+        if name == "data":
+            return getattr(self._cfg, f"{m}_data")
+        if name == "retrieval_folder":
+            return getattr(self._cfg, f"{m}_retrieval_folder")
+        if name in ("cifar10_root", "cifar100_root") and m != "image":
+            return None
+        return getattr(self._cfg, name)
+
+
+@dataclass
+class D2vKDMultimodalModelConfig(FairseqDataclass):
+    image_teacher: str = field(default="", metadata={"help": "data2vec 2.0 image teacher (base_imagenet.pt); "
+                                                             "empty: no image modality"})
+    text_teacher: str = field(default="", metadata={"help": "data2vec 2.0 text teacher (nlp_base.pt); empty: no "
+                                                            "text modality"})
+    audio_teacher: str = field(default="", metadata={"help": "data2vec 2.0 audio teacher (base_libri.pt); empty: "
+                                                             "no audio modality"})
+    teacher_weights: ChoiceEnum(["model", "ema"]) = field(default="model", metadata={
+        "help": "every teacher's weights: 'model' (online) or 'ema' (the EMA teacher stored in _ema)"})
+    trust_teacher_checkpoint: bool = field(default=False, metadata={
+        "help": "allow arbitrary pickled objects in the teacher files (only for files you trust)"})
+    student_depth: int = field(default=6, metadata={"help": "number of student transformer blocks"})
+    student_init: str = field(default="random", metadata={
+        "help": "random, or <modality>_first / <modality>_spread: copy that teacher's first N blocks / N blocks "
+                "spread over its depth (e.g. image_first)"})
+    prediction: ChoiceEnum(["layer_average", "head"]) = field(default="layer_average", metadata={
+        "help": "layer_average: student layers normalised and averaged like the targets; head: a linear head per "
+                "modality on the last student block"})
+    drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each modality's forward pass and loss (not yet measured for multimodal runs)"})
+
+
+@register_model("d2v_kd_multimodal", dataclass=D2vKDMultimodalModelConfig)
+class D2vKDMultimodalModel(BaseFairseqModel):
+    def __init__(self, cfg: D2vKDMultimodalModelConfig, teachers: Dict[str, D2vModel],
+                 keep_teacher_blocks: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.distiller = MultimodalDistiller(teachers, student_depth=cfg.student_depth,
+                                             student_init=str(cfg.student_init), prediction=str(cfg.prediction),
+                                             drop_path=cfg.drop_path, keep_teacher_blocks=keep_teacher_blocks)
+        self.teacher_task_cfgs: Dict[str, dict] = {}
+        self._register_state_dict_hook(_drop_teacher_blocks)
+        self._losses = {m: (torch.compile(self.distiller.view(m).loss) if cfg.compile else self.distiller.view(m).loss)
+                        for m in self.distiller.modalities}
+
+    @classmethod
+    def build_model(cls, cfg: D2vKDMultimodalModelConfig, task=None):
+        archs = getattr(task, "inference_teacher_archs", None)
+        if archs:
+            model = cls(cfg, {m: D2vModel(arch_from_json(a)) for m, a in archs.items()}, keep_teacher_blocks=False)
+            model.teacher_task_cfgs = dict(getattr(task, "teacher_task_cfgs", None) or {})
+            return model
+        paths = {m: os.path.expanduser(getattr(cfg, f"{m}_teacher")) for m in MODALITY_ORDER
+                 if getattr(cfg, f"{m}_teacher")}
+        if not paths:
+            raise CheckpointError("no teacher is set: pass at least one of model.image_teacher, model.text_teacher and "
+                                  "model.audio_teacher (an empty one switches its modality off)")
+        if str(cfg.student_init) not in student_inits(paths):
+            raise ValueError(f"model.student_init={cfg.student_init} must be one of {student_inits(paths)} (a modality "
+                             "whose teacher is set)")
+        teachers = {m: load_d2v(p, weights=str(cfg.teacher_weights), trust_checkpoint=cfg.trust_teacher_checkpoint,
+                                modality=m) for m, p in paths.items()}
+        from .multimodal import check_compatible
+
+        check_compatible(teachers, paths)
+        model = cls(cfg, teachers)
+        model.teacher_task_cfgs = {m: teacher_data_settings(getattr(t, "fairseq_task_cfg", {}))
+                                   for m, t in teachers.items()}
+        return model
+
+    @property
+    def modalities(self) -> list:
+        return list(self.distiller.modalities)
+
+    @property
+    def teacher_archs(self) -> Dict[str, str]:
+        return {m: arch_to_json(cfg) for m, cfg in self.distiller.cfgs.items()}
+
+    def modality_model(self, modality: str):
+        """What the single-modality data and retrieval code reads of a model, for ``modality``."""
+        return _ModalityModel(self, modality)
+
+    def target_config(self, modality: str):
+        return self.distiller.cfgs[modality].targets
+
+    def forward(self, modalities: dict, targets: Optional[dict] = None, include_extra_tokens: bool = True,
+                **unused) -> dict:
+        """``modalities``: modality -> its ``net_input`` (``source``, optional ``padding_mask``). With ``targets``
+        (modality -> ``TargetConfig``): each modality's loss dict; without: each modality's layer outputs."""
+        out = {}
+        for m, net_input in modalities.items():
+            if targets is None:
+                out[m] = self.distiller.view(m)(net_input["source"], net_input.get("padding_mask"))
+            else:
+                out[m] = self._losses[m](net_input["source"], targets[m], include_extra_tokens,
+                                         net_input.get("padding_mask"))
+        return out
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Checkpoints carry no teacher blocks: take them from the loaded teachers, check the rest strictly."""
+        if self.distiller.teacher_blocks is not None:
+            state_dict = dict(state_dict)
+            for k, v in self.distiller.teacher_blocks.state_dict(prefix=TEACHER_PREFIX).items():
+                state_dict.setdefault(k, v)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+class _ModalityModel:
+    """A multimodal model seen as one modality's single-modality model (``input_size``, ``modality``,
+    ``distiller``, ``teacher_task_cfg``, ``num_extra_tokens``)."""
+
+    def __init__(self, model: D2vKDMultimodalModel, modality: str):
+        self.modality = modality
+        self.distiller = model.distiller.view(modality)
+        self.teacher_task_cfg = model.teacher_task_cfgs.get(modality, {})
+        self.input_size = getattr(self.distiller.cfg.encoder, "input_size", None)
+        self.num_extra_tokens = self.distiller.num_extra_tokens
+        self._model = model
+
+    def parameters(self):
+        return self._model.parameters()
+
+    def named_parameters(self):
+        return self.distiller.named_parameters()
+
+
+def _drop_teacher_blocks(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
+        del state_dict[k]
+    return state_dict
+
+
+@register_task("d2v_kd_multimodal", dataclass=D2vKDMultimodalTaskConfig)
+class D2vKDMultimodalTask(D2vKDTask):
+    """The single-modality task's machinery (save-dir claim, numerical guards, retrieval, metrics) over
+    several modalities: per-modality data and retrieval sets, steps that hold a batch of each."""
+
+    def __init__(self, cfg, data: Optional[Dict[str, kd_data.TrainingData]] = None, retrieval_sets=None):
+        super().__init__(cfg, data=None, retrieval_sets=None)
+        self.modality_data = data or {}
+        self.modality_sets = retrieval_sets or {}
+        self.retrieval_sets = {name: s for sets in self.modality_sets.values() for name, s in sets.items()}
+        self.teacher_archs = None
+        self.teacher_task_cfgs = None
+        self.inference_teacher_archs = None
+        self.streams = None
+
+    @classmethod
+    def setup_task(cls, cfg, from_checkpoint: bool = False, **kwargs):
+        if from_checkpoint:
+            return cls(cfg)
+        root = save_dir.full_config(cfg)
+        if root is not None:
+            save_dir.claim(root)
+        retrieval_progress(cfg.retrieval_progress)
+        check_retrieval_settings(cfg)
+        for m, w in dict(cfg.modality_weights or {}).items():
+            if m not in MODALITY_ORDER or not float(w) >= 0:
+                raise ValueError(f"task.modality_weights: {m}={w}; use image, text or audio with a weight >= 0")
+        data, sets = {}, {}
+        for m in MODALITY_ORDER:
+            view = ModalityView(cfg, m)
+            if not view.data:
+                continue
+            data[m] = kd_data.training_data(view)
+            if data[m].modality != m:
+                raise kd_data.DataModalityError(f"task.{m}_data={view.data} holds {kd_data.KINDS[data[m].modality]}, "
+                                                f"not {kd_data.KINDS[m]}")
+            if cfg.retrieval:
+                sets[m] = load_retrieval_sets(view, m)
+        if not data:
+            raise ValueError("no training data is set: pass task.image_data, task.text_data and/or task.audio_data "
+                             "for the modalities whose teachers you give")
+        names = [n for s in sets.values() for n in s]
+        clash = {n for n in names if names.count(n) > 1}
+        if clash:
+            raise ValueError(f"retrieval sets of different modalities have the same name {sorted(clash)}: metric names "
+                             "would collide; rename one of the folders")
+        return cls(cfg, data=data, retrieval_sets=sets)
+
+    def state_dict(self):
+        if not self.teacher_archs:
+            return {}
+        return {"teacher_archs": dict(self.teacher_archs), "teacher_task_cfgs": dict(self.teacher_task_cfgs or {})}
+
+    def load_state_dict(self, state_dict):
+        self.teacher_archs = state_dict.get("teacher_archs") or self.teacher_archs
+        self.teacher_task_cfgs = state_dict.get("teacher_task_cfgs") or self.teacher_task_cfgs
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        self.inference_teacher_archs = self.teacher_archs if from_checkpoint else None
+        try:
+            model = FairseqTask.build_model(self, cfg, from_checkpoint=from_checkpoint)
+        finally:
+            self.inference_teacher_archs = None
+        self.teacher_archs = model.teacher_archs
+        self.teacher_task_cfgs = dict(model.teacher_task_cfgs)
+        self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
+        if from_checkpoint:
+            return model
+        teachers, data = set(model.modalities), set(self.modality_data)
+        if teachers != data:
+            extra = sorted(teachers - data)
+            missing = sorted(data - teachers)
+            raise ValueError("each modality needs a teacher and training data: "
+                             + "; ".join([f"model.{m}_teacher is set but task.{m}_data is not" for m in extra]
+                                         + [f"task.{m}_data is set but model.{m}_teacher is not" for m in missing]))
+        for m in model.modalities:
+            view = model.modality_model(m)
+            check_teacher(view, getattr(cfg, f"{m}_teacher"))
+            self.modality_data[m].configure(view)
+        return model
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+        if split == "train":
+            if self.streams is None:
+                c = self.cfg
+                sizes = {"image": (None, c.image_batch_size), "text": (c.text_max_tokens, c.text_batch_size),
+                         "audio": (c.audio_max_tokens, c.audio_batch_size)}
+                for m in self.modality_data:
+                    if sizes[m] == (None, None) or (sizes[m][0] is None and not sizes[m][1]):
+                        raise ValueError(f"task.{m}_batch_size (or task.{m}_max_tokens) must be set")
+                self.streams = {m: kd_data.ModalityStream(d, *sizes[m], seed=self.cfg.seed)
+                                for m, d in self.modality_data.items()}
+            self.datasets[split] = kd_data.StepDataset(self.streams, epoch)
+        else:
+            self.datasets[split] = kd_data.MultiValidRound(
+                {m: d.valid(self.cfg.valid_kd_images) for m, d in self.modality_data.items()})
+        return self.datasets[split]
+
+    def has_sharded_data(self, split):
+        return split == "train"  # a new StepDataset per epoch (its steps come from the modalities' epochs)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, *args, **kwargs):
+        if dataset is self.datasets.get("train") and (max_sentences != 1 or max_tokens is not None):
+            raise ValueError(f"dataset.batch_size={max_sentences}, dataset.max_tokens={max_tokens}: a multimodal step "
+                             "is one item (its batches are sized per modality by task.<modality>_batch_size / "
+                             "_max_tokens); set dataset.batch_size=1 and dataset.max_tokens=null")
+        return FairseqTask.get_batch_iterator(self, dataset, max_tokens, max_sentences, *args,
+                                              **{**kwargs, **({"num_workers": _fit(kwargs)} if "num_workers" in kwargs
+                                                              else {})})
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if sample and "modalities" in sample and "image" in sample["modalities"] and self.streams:
+            stream = self.streams["image"]
+            step = int(sample["id"][0])
+            epoch, _ = stream.locate(step)
+            image = self.modality_data["image"].prepare_batch(sample["modalities"]["image"], model,
+                                                              stream.dataset(epoch))
+            sample = {**sample, "modalities": {**sample["modalities"], "image": image}}
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
+
+    @property
+    def modality_weights(self) -> Dict[str, float]:
+        weights = dict(self.cfg.modality_weights or {})
+        return {m: float(weights.get(m, 1.0)) for m in MODALITY_ORDER}
+
+
+def _fit(kwargs) -> int:
+    from .kd_task import fit_workers
+
+    return fit_workers(kwargs["num_workers"])
+
+
+@register_criterion("d2v_kd_multimodal", dataclass=D2vKDCriterionConfig)
+class D2vKDMultimodalCriterion(D2vKDCriterion):
+    """The sum over modalities of each modality's squared error (weighted by ``task.modality_weights``), with the
+    number of regressed elements of all modalities as ``sample_size``: one optimizer step for all."""
+
+    def forward(self, model, sample, reduce=True):
+        batches = sample["modalities"]
+        targets = {m: resolve_target_config(self.cfg, model.target_config(m)) for m in batches}
+        results = model({m: b["net_input"] for m, b in batches.items()}, targets=targets,
+                        include_extra_tokens=self.cfg.include_extra_tokens)
+        weights = self.task.modality_weights
+        total, sample_size, nsamples, ntokens = 0.0, 0, 0, 0
+        logging_output = {}
+        for m, r in results.items():
+            n = batches[m]["nsamples"]
+            size = int(r["sample_size"]) if torch.is_tensor(r["sample_size"]) else r["sample_size"]
+            total = total + weights[m] * r["loss_sum"]
+            sample_size += size
+            nsamples += n
+            ntokens += batches[m].get("ntokens", n)
+            logging_output.update({f"loss_{m}": r["loss_sum"].detach(), f"sample_size_{m}": size, f"nsamples_{m}": n,
+                                   f"target_var_{m}": r["target_var"] * n, f"pred_var_{m}": r["pred_var"] * n})
+            if "num_replaced" in batches[m]:
+                logging_output["bad_images"] = logging_output.get("bad_images", 0) + batches[m]["num_replaced"]
+            for k, v in batches[m].get("bad_files", {}).items():
+                logging_output[k] = logging_output.get(k, 0) + v
+        logging_output.update({
+            "loss": total.detach(), "sample_size": sample_size, "nsentences": nsamples, "ntokens": ntokens,
+            "target_var": sum(logging_output[f"target_var_{m}"] for m in results),
+            "pred_var": sum(logging_output[f"pred_var_{m}"] for m in results),
+        })
+        return total, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        D2vKDCriterion.reduce_metrics(logging_outputs)
+        total = lambda key: sum(float(log.get(key, 0)) for log in logging_outputs)  # noqa: E731
+        for m in MODALITY_ORDER:
+            size, n = total(f"sample_size_{m}"), total(f"nsamples_{m}")
+            if size:
+                metrics.log_scalar(f"loss_{m}", total(f"loss_{m}") / size, size, round=4)
+            if n:
+                metrics.log_scalar(f"target_var_{m}", total(f"target_var_{m}") / n, n, round=3)
+                metrics.log_scalar(f"pred_var_{m}", total(f"pred_var_{m}") / n, n, round=3)
