@@ -109,7 +109,7 @@ def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
 
     class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.kd_model.load_student returns
         num_extra_tokens, input_size = 1, 32
-        distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None)
+        distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None, cfg=model.cfg)
 
         def forward_features(self, images, layer=-1):
             return model(images)["block_out"][layer]
