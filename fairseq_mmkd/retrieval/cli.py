@@ -128,10 +128,12 @@ def fit_sets(sets: Dict[str, object], encoder: "Encoder", args) -> None:
     receptive field, normalisation); one-line errors."""
     for name, data in sets.items():
         if data.modality != encoder.modality:
-            given = f"--{name}" if name in ("cifar10", "cifar100") else f"--folder {args.folder}"
-            hint = ("--cifar10/--cifar100 evaluate image models only; " if name in ("cifar10", "cifar100") else "")
-            raise UsageError(f"{given} is {KINDS[data.modality]}, but {args.checkpoint} is a {encoder.modality} model; "
-                             f"{hint}give {KINDS[encoder.modality]} with --folder DIR")
+            if name in ("cifar10", "cifar100") and not (args.folder and name == args.folder_name):
+                given, hint = f"--{name} is an image set", "--cifar10/--cifar100 evaluate image models only; "
+            else:
+                given, hint = f"--folder {args.folder} is {KINDS[data.modality]}", ""
+            raise UsageError(f"{given}, but {args.checkpoint} is a {encoder.modality} model; {hint}give "
+                             f"{KINDS[encoder.modality]} with --folder DIR")
         fit_teacher(data, what=_set_option(name), **encoder.facts)
 
 

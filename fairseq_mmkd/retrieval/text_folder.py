@@ -34,6 +34,7 @@ HINT = ("binarize with RoBERTa's GLUE recipe: fairseq-preprocess --only-source -
         "valid.input0 --destdir DIR/input0 --srcdict dict.txt, and the same for the labels into DIR/label without "
         "--srcdict")
 INTEGER = re.compile(r"[+-]?\d+")
+PADDING_SYMBOL = re.compile(r"madeupword\d{4}")  # fairseq-preprocess pads dictionaries to a multiple of 8
 
 
 def is_text_folder(root) -> bool:
@@ -81,13 +82,13 @@ def _label_dictionary(root: Path):
         dictionary = Dictionary.load(str(label / "dict.txt"))
     except Exception as e:
         raise RetrievalDataError(f"{label}/dict.txt is not a fairseq dictionary ({type(e).__name__}: {e})") from None
-    names = dictionary.symbols[dictionary.nspecial:]
+    names = [s for s in dictionary.symbols[dictionary.nspecial:] if not PADDING_SYMBOL.fullmatch(s)]
     if not names:
         raise RetrievalDataError(f"{label}/dict.txt lists no labels; {HINT}")
     if all(_is_number(s) for s in names) and not all(INTEGER.fullmatch(s) for s in names):
         raise RetrievalDataError(f"{label}/dict.txt lists numbers such as {next(s for s in names if not INTEGER.fullmatch(s))!r}: "
                                  "these are regression targets, not classes; retrieval and k-NN need class labels")
-    return dictionary, names
+    return dictionary, dictionary.symbols[dictionary.nspecial:dictionary.nspecial + len(names)]
 
 
 def _is_number(text: str) -> bool:
