@@ -542,3 +542,14 @@ def test_two_gloo_ranks_get_the_single_process_text_result(glue, tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["metrics"] == single
         torch.testing.assert_close(result["embeddings"], emb, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_runs_on_a_text_folder(glue, text_teacher, tmp_path):
+    from fairseq_mmkd.probe import main as probe_main
+
+    out = tmp_path / "probe.json"
+    assert probe_main(["--checkpoint", str(text_teacher), "--teacher", "--folder", str(glue[0]), "--no-progress",
+                       "--device", "cpu", "--l2-grid", "0.01", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["topics_linear_top1"] <= 100 and result["topics_train_items"] == 24
+    assert result["protocol"]["modality"] == "text" and result["protocol"]["pooling"] == "mean"

@@ -170,9 +170,9 @@ class SequenceRetrievalSet:
         lengths = self.lengths(split)
         return torch.sort(-lengths, stable=True).indices
 
-    def _values(self, split: SequenceSplit, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The stored values at ``positions`` ``[B, L]`` (absolute offsets in the buffer) of items ``index``."""
-        return split.data[positions]
+    def _convert(self, raw: torch.Tensor, split: SequenceSplit, index: torch.Tensor) -> torch.Tensor:
+        """Stored values ``[B, L]`` of items ``index`` -> what the encoder takes (padding is overwritten after)."""
+        return raw
 
     def batch(self, split: str, index) -> tuple:
         """Items ``index`` of ``split`` as ``(source [B, L], padding_mask [B, L])`` on the CPU, right-padded to the
@@ -181,11 +181,11 @@ class SequenceRetrievalSet:
         index = torch.as_tensor(index, dtype=torch.int64)
         lengths = self.lengths(split)[index]
         width = int(lengths.max())
-        offsets = torch.arange(width)
-        padding_mask = offsets[None, :] >= lengths[:, None]
-        positions = (part.starts[index][:, None] + offsets[None, :]).clamp(max=max(len(part.data) - 1, 0))
-        values = self._values(part, index, positions)
-        source = values.masked_fill(padding_mask, self.pad_value)
+        raw = part.data.new_zeros((len(index), width))
+        for row, (start, length) in enumerate(zip(part.starts[index].tolist(), lengths.tolist())):
+            raw[row, :length] = part.data[start:start + length]
+        padding_mask = torch.arange(width)[None, :] >= lengths[:, None]
+        source = self._convert(raw, part, index).masked_fill(padding_mask, self.pad_value)
         return source, padding_mask
 
     # --- teacher facts ---
@@ -266,8 +266,8 @@ class TextRetrievalSet(SequenceRetrievalSet):
         self.details = dict(details or {})
         super().__init__(train, test, source, max_length, classes)
 
-    def _values(self, split, index, positions):
-        return split.data[positions].long()
+    def _convert(self, raw, split, index):
+        return raw.long()
 
     def fit_teacher(self, vocab_size: Optional[int] = None, max_length: Optional[int] = None,
                     pad_idx: Optional[int] = None, **unused) -> "TextRetrievalSet":
@@ -314,9 +314,8 @@ class AudioRetrievalSet(SequenceRetrievalSet):
         self.details = dict(details or {})
         super().__init__(train, test, source, max_length, classes)
 
-    def _values(self, split, index, positions):
-        values = split.data[positions]
-        x = values.float() / 32768.0 if values.dtype == torch.int16 else values.float()
+    def _convert(self, raw, split, index):
+        x = raw.float() / 32768.0 if raw.dtype == torch.int16 else raw.float()
         if self.normalize:
             mean, var = split.stats[index].T
             x = (x - mean[:, None].float()) * (var[:, None] + AUDIO_NORM_EPS).rsqrt().float()
