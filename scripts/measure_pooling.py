@@ -152,8 +152,9 @@ def trained_text_teacher(path: Path, data_bin: str, steps: int, seed: int = 0, l
             out = trainer.train_step([{"id": ids, "net_input": {
                 "source": source, "padding_mask": source.eq(dictionary.pad()), "id": ids}}])
             if step % 250 == 0 or step == steps - 1:
-                print(f"  pretraining update {step + 1}/{steps}: loss {float(out['loss']) if out else float('nan'):.3f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+                loss = float(out["loss"]) if out else float("nan")
+                print(f"  pretraining update {step + 1}/{steps}: loss {loss:.3f} ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
         trainer.consolidate_optimizer()
         trainer.save_checkpoint(str(path), {"train_iterator": {"version": 2, "epoch": 1, "iterations_in_epoch": steps,
                                                                "shuffle": True}, "val_loss": None})

@@ -160,7 +160,8 @@ def test_module_entry_point_exits_2_without_traceback(teacher_checkpoint, tmp_pa
     assert len(lines) == 1 and "prepare_data.py --cifar" in lines[0] and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["scripts/prepare_data.py", "scripts/bench_retrieval.py"])
+@pytest.mark.parametrize("script", ["scripts/prepare_data.py", "scripts/bench_retrieval.py",
+                                    "scripts/measure_pooling.py"])
 def test_scripts_show_help(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -69,7 +69,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cifar10", metavar="DIR", help="directory holding cifar-10-batches-py/")
     p.add_argument("--cifar100", metavar="DIR", help="directory holding cifar-100-python/")
     p.add_argument("--folder", "--custom", dest="folder", metavar="DIR",
-                   help="a labelled set of the model's modality: image folders DIR/train/<class>/*, DIR/test/<class>/*; "
+                   help="a labelled set of the model's modality: image folders DIR/train/<class>/*, "
+                        "DIR/test/<class>/*; "
                         "a GLUE-style text folder DIR/input0, DIR/label (fairseq-preprocess output, train and valid); "
                         "or an audio folder DIR/train.tsv, valid.tsv (wav2vec manifests) with train.label, valid.label")
     p.add_argument("--folder-name", "--custom-name", dest="folder_name",

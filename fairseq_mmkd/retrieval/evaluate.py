@@ -363,7 +363,8 @@ def dtype_name(dtype: Optional[torch.dtype]) -> str:
 
 
 def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: Optional[int] = None,
-                        num_extra_tokens: int = 0, pooling: str = "cls", device=None, dtype: Optional[torch.dtype] = None,
+                        num_extra_tokens: int = 0, pooling: str = "cls", device=None,
+                        dtype: Optional[torch.dtype] = None,
                         ks: Sequence[int] = (1, 3), backend: str = "auto", knn_k: int = 20,
                         knn_temperature: float = 0.07, standardize: bool = False, layer: int = -1,
                         weights: str = "", batch_size: Optional[int] = None, progress=None, on_embedded=None,

@@ -228,8 +228,8 @@ class SequenceRetrievalSet:
                   "query_split": "test", "query_size": self.num_test, "num_classes": self.num_classes}
         for split in ("train", "test"):
             lengths = self.lengths(split)
-            record[f"{split}_length_{self.unit}"] = {"min": int(lengths.min()), "mean": round(float(lengths.double().mean()), 2),
-                                                     "max": int(lengths.max())}
+            record[f"{split}_length_{self.unit}"] = {"min": int(lengths.min()), "max": int(lengths.max()),
+                                                     "mean": round(float(lengths.double().mean()), 2)}
         record.update({
             "max_length": self.max_length,
             "length_unit": self.unit,
@@ -275,8 +275,8 @@ class TextRetrievalSet(SequenceRetrievalSet):
         sequences to the teacher's position count (``max_length``)."""
         if vocab_size is not None and self.dictionary_size is not None and int(vocab_size) != self.dictionary_size:
             raise RetrievalDataError(
-                f"{self.source}: its dictionary makes {self.dictionary_size} embedding rows (symbols + <mask>), but the "
-                f"teacher's token embedding has {vocab_size} rows: binarize the set with the teacher's dict.txt "
+                f"{self.source}: its dictionary makes {self.dictionary_size} embedding rows (symbols + <mask>), but "
+                f"the teacher's token embedding has {vocab_size} rows: binarize the set with the teacher's dict.txt "
                 "(fairseq-preprocess --srcdict dict.txt)")
         if pad_idx is not None and int(pad_idx) != self.pad_value:
             raise RetrievalDataError(f"{self.source}: <pad> is id {self.pad_value} in its dictionary but {pad_idx} in "

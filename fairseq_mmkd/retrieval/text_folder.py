@@ -86,7 +86,8 @@ def _label_dictionary(root: Path):
     if not names:
         raise RetrievalDataError(f"{label}/dict.txt lists no labels; {HINT}")
     if all(_is_number(s) for s in names) and not all(INTEGER.fullmatch(s) for s in names):
-        raise RetrievalDataError(f"{label}/dict.txt lists numbers such as {next(s for s in names if not INTEGER.fullmatch(s))!r}: "
+        example = next(s for s in names if not INTEGER.fullmatch(s))
+        raise RetrievalDataError(f"{label}/dict.txt lists numbers such as {example!r}: "
                                  "these are regression targets, not classes; retrieval and k-NN need class labels")
     return dictionary, dictionary.symbols[dictionary.nspecial:dictionary.nspecial + len(names)]
 
