@@ -185,6 +185,22 @@ class Distiller(nn.Module):
         return block_features(self.student_blocks, self.encode(source, padding_mask), self.cfg.num_heads, layer,
                               self.student_norm, self.student_bias_layers)
 
+    def features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, layer: int = -1,
+                 teacher: bool = False) -> tuple:
+        """``(features [B, T, D], padding_mask [B, T] or None)`` of the student (or, with ``teacher``, the teacher)
+        after block ``layer``: ``forward_features`` / ``teacher_features`` together with the padding mask at
+        sequence resolution (tokens, audio frames; True at padding) that padding-aware pooling needs."""
+        enc = self.encode(source, padding_mask)
+        if teacher:
+            if self.teacher_blocks is None:
+                raise RuntimeError("this model was loaded for inference without the teacher blocks")
+            with torch.no_grad():
+                x = block_features(self.teacher_blocks, enc, self.cfg.num_heads, layer)
+        else:
+            x = block_features(self.student_blocks, enc, self.cfg.num_heads, layer, self.student_norm,
+                               self.student_bias_layers)
+        return x, enc.padding_mask
+
     def teacher_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                          layer: int = -1) -> torch.Tensor:
         """Teacher features ``[B, T, D]`` after block ``layer`` (for the teacher's retrieval baseline)."""

@@ -1,4 +1,5 @@
-"""Linear probe of a data2vec 2.0 teacher or a distilled student on CIFAR-10/100 and labelled image folders.
+"""Linear probe of a data2vec 2.0 teacher or a distilled student on CIFAR-10/100 and labelled folders (images;
+for text and audio models a GLUE-style text folder or a labelled audio folder, embedded as retrieval embeds them).
 
     python -m fairseq_mmkd.probe --checkpoint base_imagenet.pt --teacher --cifar10 DATA --cifar100 DATA
     python -m fairseq_mmkd.probe --checkpoint checkpoints/kd_image/checkpoint_best.pt --cifar10 DATA --json out.json
@@ -24,8 +25,9 @@ from typing import Dict, List, Optional
 
 from .checkpoint import CheckpointError
 from .retrieval.cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments,
-                            load_encoder, load_sets, positive_int, resolve_device, resolve_pooling, write_json)
-from .retrieval.evaluate import dtype_name, embed, standardize_embeddings
+                            fit_sets, load_encoder, load_sets, positive_int, resolve_device, resolve_pooling,
+                            write_json)
+from .retrieval.evaluate import dtype_name, embed_split, standardize_embeddings
 from .retrieval.linear import L2_GRID, linear_probe
 from .retrieval.sets import RetrievalDataError
 
@@ -68,7 +70,7 @@ def probe_protocol(args, encoder, pooling: str, dtype: str, device: str, sets) -
         "layer": args.layer,
         "pooling": pooling,
         "num_extra_tokens": encoder.num_extra_tokens,
-        "features": "frozen encoder in eval mode, every image embedded once, no augmentation",
+        "features": "frozen encoder in eval mode, every item embedded once, no augmentation",
         "standardize": True,
         "standardize_statistics": "per-dimension mean and population std of the train split, applied to train "
                                   "and test",
@@ -79,6 +81,7 @@ def probe_protocol(args, encoder, pooling: str, dtype: str, device: str, sets) -
         "held_out_fraction": args.held_out,
         "selection": "best held-out top-1 (ties: the stronger L2), then refit on the whole train split",
         "seed": args.seed,
+        "modality": encoder.modality,
         "input_size": encoder.input_size,
         "dtype": dtype,
         "device": device,
@@ -90,15 +93,16 @@ def run(args) -> Dict[str, object]:
     device, dtype = resolve_device(args)
     sets = load_sets(args)  # before the model: data errors are found without loading a large checkpoint
     encoder = load_encoder(args, device)
-    pooling = resolve_pooling(args.pooling, encoder, args.checkpoint)
+    fit_sets(sets, encoder, args)
+    pooling = resolve_pooling(args.pooling, encoder, args.checkpoint, sets)
     start = time.perf_counter()
     result: Dict[str, object] = {}
     details = {}
     kwargs = dict(input_size=encoder.input_size, num_extra_tokens=encoder.num_extra_tokens, pooling=pooling,
                   batch_size=args.batch_size, device=device, dtype=DTYPES[dtype], progress=not args.no_progress)
     for name, data in sets.items():
-        train = embed(encoder.feature_fn, data.train_images, desc=f"{name} train", **kwargs)
-        test = embed(encoder.feature_fn, data.test_images, desc=f"{name} test", **kwargs)
+        train = embed_split(encoder.feature_fn, data, "train", desc=f"{name} train", **kwargs)
+        test = embed_split(encoder.feature_fn, data, "test", desc=f"{name} test", **kwargs)
         train, test = standardize_embeddings(train, test)
         try:
             probe = linear_probe(train, data.train_labels, test, data.test_labels, l2_grid=args.l2_grid,
@@ -122,8 +126,9 @@ def run(args) -> Dict[str, object]:
                   pooling=pooling, layer=args.layer, device=device, dtype=dtype, limit=args.limit,
                   seconds=round(seconds, 2))
     for name, data in sets.items():
-        result[f"{name}_train_images"] = data.num_train
-        result[f"{name}_test_images"] = data.num_test
+        items = "images" if encoder.modality == "image" else "items"
+        result[f"{name}_train_{items}"] = data.num_train
+        result[f"{name}_test_{items}"] = data.num_test
         result[f"{name}_probe"] = details[name]
     result["protocol"] = probe_protocol(args, encoder, pooling, dtype_name(DTYPES[dtype]), device, sets)
     if args.json:

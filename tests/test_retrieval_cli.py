@@ -109,7 +109,7 @@ def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
 
     class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.kd_model.load_student returns
         num_extra_tokens, input_size = 1, 32
-        distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None)
+        distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None, cfg=model.cfg)
 
         def forward_features(self, images, layer=-1):
             return model(images)["block_out"][layer]
@@ -160,7 +160,8 @@ def test_module_entry_point_exits_2_without_traceback(teacher_checkpoint, tmp_pa
     assert len(lines) == 1 and "prepare_data.py --cifar" in lines[0] and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["scripts/prepare_data.py", "scripts/bench_retrieval.py"])
+@pytest.mark.parametrize("script", ["scripts/prepare_data.py", "scripts/bench_retrieval.py",
+                                    "scripts/measure_pooling.py"])
 def test_scripts_show_help(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,13 @@
-"""Standalone retrieval and k-NN evaluator for a data2vec 2.0 teacher or a distilled student checkpoint.
+"""Standalone retrieval and k-NN evaluator for a data2vec 2.0 teacher or a distilled student checkpoint, of any
+modality.
 
     python -m fairseq_mmkd.retrieval --checkpoint base_imagenet.pt --teacher --cifar10 DATA --cifar100 DATA
     python -m fairseq_mmkd.retrieval --checkpoint checkpoints/checkpoint_best.pt --cifar10 DATA --json out.json
+    python -m fairseq_mmkd.retrieval --checkpoint nlp_base.pt --teacher --folder SST-2-bin
+    python -m fairseq_mmkd.retrieval --checkpoint base_libri.pt --teacher --folder commands
+
+``--folder`` takes a labelled set of the model's modality (image folders, a GLUE-style text folder, or wav2vec
+manifests with labels; ``retrieval.folders``); ``--cifar10``/``--cifar100`` are for image models.
 
 It runs ``evaluate_retrieval``, the same function the fairseq task validates with, prints a table and
 optionally writes one JSON object: the metrics (names as in training logs), what was evaluated, and under
@@ -18,8 +24,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..checkpoint import CheckpointError
-from .cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments, load_encoder,
-                  load_sets, resolve_device, resolve_pooling, write_json)
+from .cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments, fit_sets,
+                  load_encoder, load_sets, resolve_device, resolve_pooling, write_json)
 from .evaluate import evaluate_retrieval, evaluation_protocol, metric_names
 from .search import BACKENDS
 from .sets import RetrievalDataError
@@ -45,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fairseq_mmkd.retrieval",
         description="Zero-shot retrieval accuracy (top-1/top-3, both directions) and k-NN accuracy (DINO-weighted "
-                    "and uniform vote) on CIFAR-10/100 of a data2vec 2.0 teacher (--teacher) or a student "
-                    "checkpoint of this plugin.")
+                    "and uniform vote) on CIFAR-10/100 or a labelled image, text or audio folder of a data2vec 2.0 "
+                    "teacher (--teacher) or a student checkpoint of this plugin.")
     add_model_arguments(p)
     add_data_arguments(p)
     p.add_argument("--knn-k", type=_non_negative_int, default=20,
@@ -76,7 +82,8 @@ def run(args) -> Dict[str, object]:
     device, dtype_name = resolve_device(args)
     sets = load_sets(args)  # before the model: data errors are found without loading a large checkpoint
     encoder = load_encoder(args, device)
-    pooling = resolve_pooling(args.pooling, encoder, args.checkpoint)
+    fit_sets(sets, encoder, args)
+    pooling = resolve_pooling(args.pooling, encoder, args.checkpoint, sets)
     settings = dict(input_size=encoder.input_size, num_extra_tokens=encoder.num_extra_tokens, pooling=pooling,
                     device=device, dtype=DTYPES[dtype_name], backend=args.backend, knn_k=args.knn_k,
                     knn_temperature=args.knn_temperature, standardize=args.standardize)
@@ -88,12 +95,15 @@ def run(args) -> Dict[str, object]:
 
     result: Dict[str, object] = {name: metrics[name] for set_name in sets
                                  for name in metric_names(set_name, knn_k=args.knn_k)}
-    result.update(checkpoint=str(Path(args.checkpoint).resolve()), model=encoder.model, pooling=pooling,
-                  layer=args.layer, input_size=int(encoder.input_size), device=device, dtype=dtype_name,
-                  limit=args.limit, seconds=round(seconds, 2), weights=encoder.weights)
+    result.update(checkpoint=str(Path(args.checkpoint).resolve()), model=encoder.model, modality=encoder.modality,
+                  pooling=pooling, layer=args.layer, device=device, dtype=dtype_name, limit=args.limit,
+                  seconds=round(seconds, 2), weights=encoder.weights)
+    if encoder.input_size is not None:
+        result["input_size"] = int(encoder.input_size)
+    items = "images" if encoder.modality == "image" else "items"
     for set_name, data in sets.items():
-        result[f"{set_name}_train_images"] = data.num_train
-        result[f"{set_name}_test_images"] = data.num_test
+        result[f"{set_name}_train_{items}"] = data.num_train
+        result[f"{set_name}_test_{items}"] = data.num_test
     result["protocol"] = evaluation_protocol(sets, **settings, layer=args.layer, weights=encoder.weights,
                                              checkpoint=result["checkpoint"], **encoder.describe(args.layer))
     if args.json:

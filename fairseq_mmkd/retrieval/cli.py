@@ -1,5 +1,6 @@
 """What the evaluation command lines share: their arguments, loading a checkpoint as a frozen feature function,
-reading the labelled sets, and writing JSON results.
+reading the labelled sets (CIFAR, and a ``--folder`` of any modality: images, GLUE-style text, labelled audio),
+fitting them to the model, and writing JSON results.
 
 Used by ``python -m fairseq_mmkd.retrieval`` and ``python -m fairseq_mmkd.probe``. The checkpoint loaders are
 imported inside ``load_encoder``, so this module (like the rest of the package) imports nothing of fairseq.
@@ -13,13 +14,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .cifar import load_cifar
 from .evaluate import POOLINGS
-from .image_folder import folder_set_name, load_image_folder_pair
+from .folders import KINDS, fit_teacher, load_retrieval_folder, teacher_facts
+from .image_folder import folder_set_name
 from .sets import RetrievalSet
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -44,15 +46,19 @@ def negative_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(p: argparse.ArgumentParser, default_pooling: str = "cls") -> None:
+def add_model_arguments(p: argparse.ArgumentParser, default_pooling: Optional[str] = None) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     p.add_argument("--teacher", action="store_true",
-                   help="the checkpoint is a data2vec 2.0 model (data2vec_multi), not a student of this plugin")
+                   help="the checkpoint is a data2vec 2.0 model (data2vec_multi, any modality), not a student of "
+                        "this plugin")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="teacher only: online weights or the EMA teacher stored in the checkpoint")
+    p.add_argument("--modality", choices=("image", "text", "audio"),
+                   help="teacher only: which modality of a multimodal checkpoint (default: the checkpoint's own)")
     p.add_argument("--pooling", choices=("auto",) + POOLINGS, default=default_pooling,
-                   help="embedding: the CLS token, the mean of the patch tokens, both concatenated, or auto "
-                        "(cls when the model has a CLS token, else mean)")
+                   help="embedding: the CLS token (text: the <s> token), the mean of the other tokens (padding left "
+                        "out), both concatenated, or auto (cls when the model has a CLS token, else mean); default: "
+                        "cls for images, mean for text and audio")
     p.add_argument("--layer", type=negative_int, default=-1,
                    help="block whose output is embedded: -1 the last (default), -k the k-th from last")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -63,12 +69,22 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cifar10", metavar="DIR", help="directory holding cifar-10-batches-py/")
     p.add_argument("--cifar100", metavar="DIR", help="directory holding cifar-100-python/")
     p.add_argument("--folder", "--custom", dest="folder", metavar="DIR",
-                   help="labelled image folders DIR/train/<class>/*, DIR/test/<class>/*")
+                   help="a labelled set of the model's modality: image folders DIR/train/<class>/*, "
+                        "DIR/test/<class>/*; "
+                        "a GLUE-style text folder DIR/input0, DIR/label (fairseq-preprocess output, train and valid); "
+                        "or an audio folder DIR/train.tsv, valid.tsv (wav2vec manifests) with train.label, valid.label")
     p.add_argument("--folder-name", "--custom-name", dest="folder_name",
                    help="metric prefix of the --folder set (default: the folder's name, as task.retrieval_folder)")
     p.add_argument("--folder-size", "--custom-size", dest="folder_size", type=positive_int, default=224,
                    help="square size the --folder images are stored at after decoding")
-    p.add_argument("--limit", type=positive_int, help="use only the first N images of each split (quick checks)")
+    p.add_argument("--max-length", type=positive_int,
+                   help="text/audio: cut longer items to this many tokens or samples (default: text, the model's "
+                        "positions; audio, the teacher's pretraining crop max_sample_size when it is known)")
+    p.add_argument("--normalize", choices=("auto", "true", "false"), default="auto",
+                   help="audio: normalise each clip to zero mean and unit variance (auto: as the teacher was trained, "
+                        "task.normalize)")
+    p.add_argument("--limit", type=positive_int,
+                   help="use only N items of each split, evenly spaced (CIFAR: the first N; quick checks)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,8 +114,28 @@ def load_sets(args) -> Dict[str, RetrievalSet]:
     if args.cifar100:
         sets["cifar100"] = load_cifar(args.cifar100, "cifar100", limit=args.limit)
     if args.folder:
-        sets[folder_name] = load_image_folder_pair(args.folder, image_size=args.folder_size, limit=args.limit)
+        # Read now without the model's facts (errors in the data before a large checkpoint is loaded); fit_sets
+        # checks the modality and fits text and audio sets once the model is known.
+        sets[folder_name] = load_retrieval_folder(args.folder, limit=args.limit, image_size=args.folder_size)
     return sets
+
+
+def _set_option(name: str) -> str:
+    return f"--{name}" if name in ("cifar10", "cifar100") else "--folder"
+
+
+def fit_sets(sets: Dict[str, object], encoder: "Encoder", args) -> None:
+    """Check every set against the model's modality and fit text and audio sets to it (dictionary, positions,
+    receptive field, normalisation); one-line errors."""
+    for name, data in sets.items():
+        if data.modality != encoder.modality:
+            if name in ("cifar10", "cifar100") and not (args.folder and name == args.folder_name):
+                given, hint = f"--{name} is an image set", "--cifar10/--cifar100 evaluate image models only; "
+            else:
+                given, hint = f"--folder {args.folder} is {KINDS[data.modality]}", ""
+            raise UsageError(f"{given}, but {args.checkpoint} is a {encoder.modality} model; {hint}give "
+                             f"{KINDS[encoder.modality]} with --folder DIR")
+        fit_teacher(data, what=_set_option(name), **encoder.facts)
 
 
 def resolve_device(args) -> tuple:
@@ -114,13 +150,17 @@ def resolve_device(args) -> tuple:
 class Encoder:
     """A checkpoint's encoder as evaluation sees it."""
 
-    feature_fn: Callable[[torch.Tensor], torch.Tensor]  # normalised images -> [B, T, D] tokens of the chosen block
-    input_size: int
+    # images: normalised images -> [B, T, D] tokens of the chosen block; text/audio: (source, padding_mask) ->
+    # ([B, T, D] tokens, [B, T] padding mask or None)
+    feature_fn: Callable
+    input_size: Optional[int]  # images only
     num_extra_tokens: int
     depth: int  # blocks after the shared encoder (the teacher's shared blocks or the student's)
     model: str  # "teacher" or "student"
     weights: str  # "model" / "ema" (teacher) or "student"
     final_norm: bool  # whether a final LayerNorm follows the chosen block (pre-LN models)
+    modality: str = "image"
+    facts: Optional[dict] = None  # what a text/audio set must fit (folders.teacher_facts), with the CLI's overrides
 
     def describe(self, layer: int) -> dict:
         return {"model": self.model, "blocks": self.depth, "block": self.depth + layer + 1,
@@ -132,23 +172,36 @@ def load_encoder(args, device) -> Encoder:
     from ..distill import block_features, block_index
 
     if args.teacher:
-        from ..checkpoint import load_d2v_image
-        model = load_d2v_image(args.checkpoint, weights=args.weights, device=device,
-                               trust_checkpoint=args.trust_checkpoint)
+        from ..checkpoint import load_d2v
+        model = load_d2v(args.checkpoint, weights=args.weights, device=device, trust_checkpoint=args.trust_checkpoint,
+                         modality=getattr(args, "modality", None))
+        cfg, task_cfg = model.cfg, model.fairseq_task_cfg
 
-        def feature_fn(x):  # at layer -1 the same as model(x)["x"]
-            return block_features(model.blocks, model.encoder(x), model.cfg.num_heads, args.layer, model.norm)
+        if cfg.modality == "image":
+            def feature_fn(x):  # at layer -1 the same as model(x)["x"]
+                return block_features(model.blocks, model.encoder(x), cfg.num_heads, args.layer, model.norm)
+        else:
+            def feature_fn(source, padding_mask):  # at layer -1 the same as model(source, padding_mask)["x"]
+                enc = model.encoder(source, padding_mask)
+                return block_features(model.blocks, enc, cfg.num_heads, args.layer, model.norm), enc.padding_mask
 
-        encoder = Encoder(feature_fn, model.cfg.encoder.input_size, model.num_extra_tokens, len(model.blocks),
-                          "teacher", args.weights, model.norm is not None)
+        encoder = Encoder(feature_fn, None, model.num_extra_tokens, len(model.blocks), "teacher", args.weights,
+                          model.norm is not None)
     else:
+        if getattr(args, "modality", None):
+            raise UsageError("--modality picks one modality of a multimodal teacher; it needs --teacher")
         from ..kd_model import load_student  # imported here: the teacher path does not need the KD model
         model = load_student(args.checkpoint, device=device, trust_checkpoint=args.trust_checkpoint)
         model.eval()
-        blocks = model.distiller.student_blocks
-        encoder = Encoder(partial(model.forward_features, layer=args.layer), model.input_size,
-                          model.num_extra_tokens, len(blocks), "student", "student",
-                          model.distiller.student_norm is not None)
+        distiller = model.distiller
+        cfg, task_cfg = distiller.cfg, getattr(model, "teacher_task_cfg", None)
+        feature_fn = (partial(model.forward_features, layer=args.layer) if cfg.modality == "image" else
+                      partial(distiller.features, layer=args.layer))
+        encoder = Encoder(feature_fn, None, model.num_extra_tokens, len(distiller.student_blocks), "student",
+                          "student", distiller.student_norm is not None)
+    encoder.modality = cfg.modality
+    encoder.input_size = cfg.encoder.input_size if cfg.modality == "image" else None
+    encoder.facts = _facts(args, cfg, task_cfg)
     try:
         block_index(args.layer, encoder.depth)
     except ValueError as e:
@@ -156,10 +209,37 @@ def load_encoder(args, device) -> Encoder:
     return encoder
 
 
-def resolve_pooling(pooling: str, encoder: Encoder, checkpoint) -> str:
+def _facts(args, cfg, task_cfg) -> dict:
+    """``teacher_facts`` with ``--max-length`` and ``--normalize`` applied."""
+    facts = teacher_facts(cfg, task_cfg)
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and cfg.modality != "image":
+        positions = facts.get("max_length") if cfg.modality == "text" else None
+        if positions is not None and max_length > positions:
+            raise UsageError(f"--max-length {max_length}: the model has {positions} positions; use at most {positions}")
+        facts["max_length"] = max_length
+    normalize = getattr(args, "normalize", "auto")
+    if cfg.modality == "audio":
+        if normalize != "auto":
+            facts["normalize"] = normalize == "true"
+        elif facts.get("normalize") is None:
+            raise UsageError(f"{args.checkpoint} does not say whether its teacher was trained on normalised clips "
+                             "(task.normalize); pass --normalize true (data2vec 2.0's released audio models) or false")
+    return facts
+
+
+def resolve_pooling(pooling: Optional[str], encoder: Encoder, checkpoint, sets: Optional[dict] = None) -> str:
+    """``--pooling`` for this model and these sets: the default (None) is the sets' ``default_pooling`` (images:
+    cls; text and audio: mean), ``auto`` cls when the model has a CLS token; ``cls`` without one is an error except
+    for text, whose every sequence starts with ``<s>``."""
+    sets = sets or {}
+    if pooling is None:
+        defaults = {getattr(data, "default_pooling", "cls") for data in sets.values()}
+        pooling = defaults.pop() if len(defaults) == 1 else "cls"
     if pooling == "auto":
         return "cls" if encoder.num_extra_tokens > 0 else "mean"
-    if pooling in ("cls", "cls+mean") and encoder.num_extra_tokens < 1:
+    leading = bool(sets) and all(getattr(data, "leading_token", None) for data in sets.values())
+    if pooling in ("cls", "cls+mean") and encoder.num_extra_tokens < 1 and not leading:
         raise UsageError(f"{checkpoint}: the model has no extra (CLS) token; use --pooling mean")
     return pooling
 

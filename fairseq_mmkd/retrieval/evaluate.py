@@ -10,11 +10,19 @@ search per direction serves every metric of that direction (``search.nearest_nei
 splits and sizes, precision) so that every number can be compared with the right published one.
 
 The embeddings can be standardised per dimension with the memory bank's mean and standard deviation
-(``standardize``, as MIM-Refiner does) before L2 normalisation. Everything after ``embed`` sees only
-embeddings and labels; the image-specific part is ``embed``'s preprocessing and the set's ``protocol``.
+(``standardize``, as MIM-Refiner does) before L2 normalisation. Everything after embedding sees only
+embeddings and labels; what differs between modalities is how a set's items reach the encoder and its
+``protocol``:
 
-Under ``torch.distributed`` every rank embeds one contiguous shard of each split and the shards are
-all-gathered, so every rank ends up with the full, ordered embeddings and computes the same metrics.
+* image sets (``RetrievalSet``, uint8 images): ``embed`` resizes and normalises each batch on the device and
+  calls ``feature_fn(images) -> [B, T, D]``;
+* text and audio sets (``sequences.SequenceRetrievalSet``): ``embed_sequences`` batches items of similar length
+  (sorted, longest first), right-padded, and calls ``feature_fn(source, padding_mask) -> (features [B, T, D],
+  padding_mask [B, T] or None)``: the mask at sequence resolution (tokens, audio frames) that mean pooling needs.
+
+Under ``torch.distributed`` every rank embeds one shard of each split (images: a contiguous slice; sequences:
+every world-size-th item of the length order, so ranks get batches of similar lengths) and the shards are
+all-gathered, so every rank ends up with the full embeddings in the set's order and computes the same metrics.
 """
 from __future__ import annotations
 
@@ -30,12 +38,13 @@ from tqdm.auto import tqdm
 from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess  # noqa: F401  (re-exported)
 from .knn import knn_accuracy
 from .search import nearest_neighbours, resolve_backend, topk_hits
+from .sequences import SequenceRetrievalSet
 from .sets import RetrievalSet
 
 POOLINGS = ("cls", "mean", "cls+mean")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # set names prefix metric names: no spaces or dots
 
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+FeatureFn = Callable[..., object]  # images -> features; or (source, padding_mask) -> (features, padding_mask)
 
 
 def knn_metric_names(set_name: str, knn_k: int = 20) -> list:
@@ -89,12 +98,28 @@ def standardize_embeddings(memory: torch.Tensor, queries: torch.Tensor) -> tuple
             ((queries.double() - mean) / std).to(queries.dtype))
 
 
-def _check_pooling(pooling: str, num_extra_tokens: int) -> None:
+def _check_pooling(pooling: str, num_extra_tokens: int, sets: Optional[Mapping] = None) -> None:
+    """``cls`` reads the first position: an extra (CLS) token, or for text the ``<s>`` every sequence starts with
+    (a set's ``leading_token``); anything else has nothing there to read."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if pooling in ("cls", "cls+mean") and num_extra_tokens < 1:
+    leading = sets is not None and len(sets) > 0 and all(
+        getattr(data, "leading_token", None) for data in sets.values())
+    if pooling in ("cls", "cls+mean") and num_extra_tokens < 1 and not leading:
         raise ValueError(f"pooling={pooling!r} needs an extra (CLS) token, but the model has num_extra_tokens=0; "
                          "use pooling='mean'")
+
+
+def pooling_description(pooling: str, num_extra_tokens: int, sets: Mapping) -> str:
+    """What ``pooling`` reads, in words, for the protocol record."""
+    firsts = {getattr(data, "leading_token", None) for data in sets.values()}
+    first = ("the first extra (CLS) token" if num_extra_tokens > 0 else
+             f"the first token ({', '.join(sorted(f for f in firsts if f))}, what RoBERTa-style heads read)")
+    rest = (f"the mean over positions after the {num_extra_tokens} extra token(s)" if num_extra_tokens > 0 else
+            "the mean over all positions")
+    if any(isinstance(data, SequenceRetrievalSet) for data in sets.values()):
+        rest += ", padded positions left out"
+    return {"cls": first, "mean": rest, "cls+mean": f"{first} concatenated with {rest}"}[pooling]
 
 
 def _world() -> tuple:
@@ -169,9 +194,91 @@ def embed(feature_fn: FeatureFn, images: torch.Tensor, input_size: int, num_extr
     return _all_gather_rows(local, total) if world > 1 else local
 
 
+def _features_and_mask(output, batch: int) -> tuple:
+    """A sequence feature function's ``(features [B, T, D], padding_mask [B, T] or None)``, checked."""
+    if not isinstance(output, (tuple, list)) or len(output) != 2:
+        raise ValueError("for text and audio sets, feature_fn(source, padding_mask) must return (features [B, T, D], "
+                         f"padding_mask [B, T] or None), got {type(output).__name__}")
+    features, mask = output
+    if mask is not None and (mask.shape != features.shape[:2] or features.shape[0] != batch):
+        raise ValueError(f"feature_fn returned features {list(features.shape)} with a padding mask "
+                         f"{list(mask.shape)}; the mask must be [B, T] at the features' resolution")
+    return features, mask
+
+
+def embed_sequences(feature_fn: FeatureFn, data: SequenceRetrievalSet, split: str, num_extra_tokens: int,
+                    pooling: str = "mean", batch_size: int = 256, device="cpu", dtype: Optional[torch.dtype] = None,
+                    progress: bool = True, desc: str = "embed") -> torch.Tensor:
+    """Embed one split of a text or audio set with a frozen encoder, in batches of similar length.
+
+    Items are taken in ``data.order(split)`` (longest first) and right-padded per batch; the padding mask goes to
+    ``feature_fn`` and the one it returns (at sequence resolution) keeps padded positions out of mean pooling.
+    Under an initialised ``torch.distributed`` group rank r embeds the items at positions r, r + W, r + 2W, ... of
+    that order (W: world size), padded with the shortest item to ``ceil(N / W)`` so every rank runs the same
+    number of batches; the gathered rows are put back into the set's order on every rank.
+
+    Args:
+        feature_fn: ``(source [B, L], padding_mask [B, L]) -> (features [B, T, D], padding_mask [B, T] or None)``;
+            ``padding_mask`` is None for a batch without padding.
+        data: the set.
+        split: ``"train"`` or ``"test"``.
+        num_extra_tokens, pooling, batch_size, device, dtype, progress, desc: as for ``embed`` (``batch_size``
+            counts items).
+
+    Returns:
+        float32 ``[N, D]`` embeddings on ``device``, in the order of the split's items, on every rank.
+    """
+    _check_pooling(pooling, num_extra_tokens, {"": data})
+    device = torch.device(device)
+    rank, world = _world()
+    order = data.order(split)
+    total = len(order)
+    per_rank = math.ceil(total / world)
+    positions = rank + world * torch.arange(per_rank)
+    mine = order[positions.clamp(max=total - 1)]  # past the end: the shortest item again (dropped after gathering)
+
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if low_precision
+                else contextlib.nullcontext())
+    out = []
+    with torch.inference_mode(), autocast:
+        for lo in tqdm(range(0, per_rank, batch_size), desc=desc, unit="batch",
+                       disable=not progress or rank != 0, leave=False):
+            index = mine[lo:lo + batch_size]
+            source, padding_mask = data.batch(split, index)
+            padded = bool(padding_mask.any())  # on the CPU: no device sync
+            source = source.to(device, non_blocking=True)
+            if dtype is not None and source.is_floating_point():
+                source = source.to(dtype)
+            mask = padding_mask.to(device, non_blocking=True) if padded else None
+            features, seq_mask = _features_and_mask(feature_fn(source, mask), len(index))
+            out.append(pool_features(features.float(), num_extra_tokens, pooling, seq_mask))
+    local = torch.cat(out)
+    if world > 1:
+        gathered = _all_gather_rows(local, per_rank * world)
+        where = (torch.arange(world)[:, None] + world * torch.arange(per_rank)[None, :]).flatten()
+        valid = where < total
+        local = gathered[valid.to(gathered.device)]
+        rows = order[where[valid]]
+    else:
+        rows = order
+    result = torch.empty_like(local)
+    result[rows.to(local.device)] = local
+    return result
+
+
+def embed_split(feature_fn: FeatureFn, data, split: str, input_size: Optional[int], **kwargs) -> torch.Tensor:
+    """Embeddings of one split of any set: ``embed`` for images, ``embed_sequences`` for text and audio."""
+    if isinstance(data, SequenceRetrievalSet):
+        return embed_sequences(feature_fn, data, split, **kwargs)
+    if input_size is None:
+        raise ValueError("image sets need the encoder's input_size")
+    return embed(feature_fn, getattr(data, f"{split}_images"), input_size, **kwargs)
+
+
 def _check_settings(sets: Mapping[str, RetrievalSet], pooling: str, num_extra_tokens: int, ks: Sequence[int],
                     knn_k: int, knn_temperature: float) -> None:
-    _check_pooling(pooling, num_extra_tokens)
+    _check_pooling(pooling, num_extra_tokens, sets)
     for name in sets:
         if not SET_NAME.fullmatch(name):
             raise ValueError(f"set name {name!r} is used as a metric prefix: use letters, digits, '_' or '-'")
@@ -183,8 +290,8 @@ def _check_settings(sets: Mapping[str, RetrievalSet], pooling: str, num_extra_to
         raise ValueError(f"knn_temperature must be positive, got {knn_temperature}")
 
 
-def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], input_size: int,
-                       num_extra_tokens: int, pooling: str = "cls", batch_size: int = 256, device=None,
+def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], input_size: Optional[int] = None,
+                       num_extra_tokens: int = 0, pooling: str = "cls", batch_size: int = 256, device=None,
                        dtype: Optional[torch.dtype] = None, ks: Sequence[int] = (1, 3), backend: str = "auto",
                        progress: bool = True, on_embedded: Optional[Callable] = None, knn_k: int = 20,
                        knn_temperature: float = 0.07, standardize: bool = False) -> Dict[str, float]:
@@ -194,12 +301,16 @@ def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], 
     ``feature_fn`` without gradients. ``evaluation_protocol`` with the same arguments describes the run.
 
     Args:
-        feature_fn: normalised float ``[B, 3, S, S]`` -> token features ``[B, T, D]`` (extra tokens first).
-        sets: set name (the metric prefix, e.g. ``"cifar10"``) -> its ``RetrievalSet``.
-        input_size: the encoder's input size ``S``.
+        feature_fn: for image sets, normalised float ``[B, 3, S, S]`` -> token features ``[B, T, D]`` (extra
+            tokens first); for text and audio sets, ``(source, padding_mask) -> (features [B, T, D], padding_mask
+            [B, T] or None)`` (see ``embed_sequences``).
+        sets: set name (the metric prefix, e.g. ``"cifar10"``) -> its ``RetrievalSet`` (images) or
+            ``SequenceRetrievalSet`` (text, audio).
+        input_size: the encoder's input size ``S`` (image sets only; None for text and audio).
         num_extra_tokens: how many extra (CLS) tokens lead the feature sequence.
-        pooling: ``"cls"``, ``"mean"`` or ``"cls+mean"``; see ``pool_features``.
-        batch_size: images per forward pass.
+        pooling: ``"cls"``, ``"mean"`` or ``"cls+mean"``; see ``pool_features``. For text, ``cls`` reads the
+            ``<s>`` position when the encoder has no extra tokens.
+        batch_size: images (or sequences) per forward pass.
         device: where to embed; default CUDA when available, else CPU.
         dtype: compute dtype (``torch.bfloat16`` for bf16 autocast), ``None`` for float32.
         ks: the k of each top-k retrieval metric.
@@ -227,8 +338,8 @@ def evaluate_retrieval(feature_fn: FeatureFn, sets: Mapping[str, RetrievalSet], 
     prepare = standardize_embeddings if standardize else (lambda memory, queries: (memory, queries))
     metrics: Dict[str, float] = {}
     for name, data in sets.items():
-        train = embed(feature_fn, data.train_images, desc=f"{name} train", **kwargs)
-        test = embed(feature_fn, data.test_images, desc=f"{name} test", **kwargs)
+        train = embed_split(feature_fn, data, "train", desc=f"{name} train", **kwargs)
+        test = embed_split(feature_fn, data, "test", desc=f"{name} test", **kwargs)
         memory, queries = prepare(train, test)
         if on_embedded is not None:
             on_embedded(name, data, memory, queries)
@@ -251,8 +362,9 @@ def dtype_name(dtype: Optional[torch.dtype]) -> str:
     return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
 
-def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: int, num_extra_tokens: int,
-                        pooling: str = "cls", device=None, dtype: Optional[torch.dtype] = None,
+def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: Optional[int] = None,
+                        num_extra_tokens: int = 0, pooling: str = "cls", device=None,
+                        dtype: Optional[torch.dtype] = None,
                         ks: Sequence[int] = (1, 3), backend: str = "auto", knn_k: int = 20,
                         knn_temperature: float = 0.07, standardize: bool = False, layer: int = -1,
                         weights: str = "", batch_size: Optional[int] = None, progress=None, on_embedded=None,
@@ -263,17 +375,25 @@ def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: int, num_e
     ignored), plus what only the caller knows: ``layer`` (the block ``feature_fn`` reads, -1 the last, -k the
     k-th from last), ``weights`` (``"student"``, or the teacher's ``"model"``/``"ema"``) and any further
     ``described`` facts (model, checkpoint, ...), which lead the record. Each set contributes its own part
-    (``RetrievalSet.protocol``: splits, sizes, source, resize and normalisation).
+    (``RetrievalSet.protocol``: splits, sizes, source, resize and normalisation; ``SequenceRetrievalSet.protocol``:
+    splits, sizes, source, lengths, truncation, padding, and the modality's own facts). ``input_size`` is recorded
+    only when an image set is evaluated.
     """
     _check_settings(sets, pooling, num_extra_tokens, ks, knn_k, knn_temperature)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     weighted, uniform = (f"knn{knn_k}", f"knn{knn_k}_uniform")
-    return {
+    images = any(not isinstance(data, SequenceRetrievalSet) for data in sets.values())
+    if images and input_size is None:
+        raise ValueError("image sets need the encoder's input_size")
+    modalities = sorted({data.modality for data in sets.values()})
+    record = {
         **described,
+        "modality": modalities[0] if len(modalities) == 1 else modalities,
         "weights": weights,
         "layer": int(layer),
         "pooling": pooling,
+        "pooling_reads": pooling_description(pooling, num_extra_tokens, sets) if sets else None,
         "num_extra_tokens": int(num_extra_tokens),
         "standardize": bool(standardize),
         "standardize_statistics": ("per-dimension mean and population std of the memory bank, applied to memory "
@@ -293,8 +413,11 @@ def evaluation_protocol(sets: Mapping[str, RetrievalSet], input_size: int, num_e
         } if knn_k else {},
         "knn_memory_split": "train" if knn_k else None,
         "knn_query_split": "test" if knn_k else None,
-        "input_size": int(input_size),
+        "input_size": int(input_size) if images else None,
         "dtype": dtype_name(dtype),
         "device": torch.device(device).type,
         "sets": {name: data.protocol(input_size) for name, data in sets.items()},
     }
+    if not images:
+        del record["input_size"]
+    return record

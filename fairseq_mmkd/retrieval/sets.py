@@ -33,6 +33,7 @@ class RetrievalSet:
     """
 
     modality = "image"  # what ``protocol`` describes; a text or audio set brings its own class
+    default_pooling = "cls"  # what the standalone evaluator embeds unless told otherwise
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
