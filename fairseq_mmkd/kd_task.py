@@ -181,6 +181,7 @@ class D2vKDTask(FairseqTask):
             self.data.configure(model)
         self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
         if self.retrieval_sets:
+            fit_retrieval_sets(self.retrieval_sets, self.cfg, model)
             check_retrieval_model(self.cfg, model)
         return model
 
@@ -256,9 +257,8 @@ class D2vKDTask(FairseqTask):
                     dtype=param.dtype, knn_k=self.cfg.knn_k, knn_temperature=self.cfg.knn_temperature,
                     standardize=self.cfg.retrieval_standardize)
 
-    def _evaluate(self, feature_fn, model, on_embedded=None):
-        layer = self.cfg.retrieval_layer
-        return evaluate_retrieval(lambda x: feature_fn(x, layer=layer), self.retrieval_sets,
+    def _evaluate(self, model, teacher: bool, on_embedded=None):
+        return evaluate_retrieval(feature_function(model, self.cfg.retrieval_layer, teacher), self.retrieval_sets,
                                   progress=retrieval_progress(self.cfg.retrieval_progress), on_embedded=on_embedded,
                                   **self.evaluation_settings(model))
 
@@ -288,7 +288,8 @@ class D2vKDTask(FairseqTask):
         evaluation computes anyway."""
         first = next(iter(self.retrieval_sets))
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if self.cfg.retrieval_examples <= 0 or not rank0 or not self.cfg.save_dir:
+        if self.cfg.retrieval_examples <= 0 or not rank0 or not self.cfg.save_dir \
+                or self.retrieval_sets[first].modality != "image":  # pictures of images only
             return None
 
         def write(name, data, train, test):
@@ -304,11 +305,10 @@ class D2vKDTask(FairseqTask):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         if self.retrieval_sets:  # ``model`` may be fairseq's distributed wrapper: it forwards attributes
             with torch.inference_mode():
-                student = self._evaluate(model.forward_features, model,
-                                         on_embedded=self._example_writer(completed_updates()))
+                student = self._evaluate(model, teacher=False, on_embedded=self._example_writer(completed_updates()))
                 with_teacher = self.cfg.retrieval_teacher and model.distiller.teacher_blocks is not None
                 if with_teacher and self.teacher_metrics is None:
-                    self.teacher_metrics = self._evaluate(model.teacher_features, model)
+                    self.teacher_metrics = self._evaluate(model, teacher=True)
             if not self.protocol_written:
                 self.write_protocol(model, with_teacher)
                 self.protocol_written = True
@@ -366,9 +366,36 @@ def check_retrieval_model(cfg: D2vKDTaskConfig, model) -> None:
         if -cfg.retrieval_layer > len(blocks):
             raise ValueError(f"task.retrieval_layer={cfg.retrieval_layer}, but the {who} has {len(blocks)} blocks; "
                              f"use a layer between -{len(blocks)} and -1")
-    if str(cfg.retrieval_pooling) in ("cls", "cls+mean") and model.num_extra_tokens < 1:
+    reads_first = model.num_extra_tokens > 0 or model.modality == "text"  # text: the <s> token RoBERTa heads read
+    if str(cfg.retrieval_pooling) in ("cls", "cls+mean") and not reads_first:
         raise ValueError(f"task.retrieval_pooling={cfg.retrieval_pooling}, but the teacher's encoder has no extra "
                          "(CLS) token; use task.retrieval_pooling=mean (or auto)")
+
+
+def fit_retrieval_sets(sets: dict, cfg, model) -> None:
+    """Fit text and audio retrieval sets to the teacher (dictionary size, positions, receptive field, audio
+    normalisation: ``task.normalize`` or the teacher's own), once it is loaded."""
+    from .retrieval import fit_teacher, teacher_facts
+
+    facts = teacher_facts(model.distiller.cfg, getattr(model, "teacher_task_cfg", None))
+    if cfg.normalize is not None and facts["modality"] == "audio":
+        facts["normalize"] = bool(cfg.normalize)
+    for name, data in sets.items():
+        fit_teacher(data, what=f"retrieval set {name}", **facts)
+
+
+_IMAGES = object()
+
+
+def feature_function(model, layer: int, teacher: bool):
+    """What ``evaluate_retrieval`` embeds with: images -> features; text and audio ``(source, padding_mask)`` ->
+    ``(features, padding mask at sequence resolution)``; the student's, or with ``teacher`` the teacher's."""
+    def features(source, padding_mask=_IMAGES):
+        if padding_mask is _IMAGES:
+            return (model.teacher_features if teacher else model.forward_features)(source, layer=layer)
+        return model.distiller.features(source, padding_mask, layer=layer, teacher=teacher)
+
+    return features
 
 
 def retrieval_progress(setting) -> bool:
@@ -420,7 +447,11 @@ def load_retrieval_sets(cfg: D2vKDTaskConfig, modality: str = "image") -> dict:
         from .retrieval import load_retrieval_folder
 
         folder = os.path.expanduser(cfg.retrieval_folder)
-        sets[folder_set_name(folder)] = load_retrieval_folder(folder, modality, limit=limit)
+        data = load_retrieval_folder(folder, limit=limit)  # data errors now; fitted to the teacher in build_model
+        if data.modality != modality:
+            raise ValueError(f"task.retrieval_folder={cfg.retrieval_folder} holds {data.modality} items, but the "
+                             f"training data is {modality}: give a labelled {modality} folder")
+        sets[folder_set_name(folder)] = data
         return sets
     for name in cifar:
         sets[name] = load_cifar(os.path.expanduser(getattr(cfg, f"{name}_root")), name, limit=limit)

@@ -88,6 +88,18 @@ def make_sequence_teacher(path, modality: str, seed: int = 0, vocab_size: int = 
     return path
 
 
+def write_glue_folder(root: Path, splits: dict, srcdict) -> Path:
+    """A sentence-classification folder as RoBERTa's GLUE preprocessing writes it, made by the real
+    fairseq-preprocess: ``input0/`` (sentences, with the given dictionary) and ``label/`` (labels, their own
+    dictionary); ``splits``: split -> list of ``(sentence, label)``."""
+    root = Path(root)
+    for i, (split, rows) in enumerate(splits.items()):
+        write_text_corpus(root / "input0", [s for s, _ in rows], srcdict=srcdict, split=split)
+        write_text_corpus(root / "label", [label for _, label in rows], split=split,
+                          srcdict=None if i == 0 else root / "label" / "dict.txt")
+    return root
+
+
 def dictionary_size(folder) -> int:
     """Rows a teacher's token embedding needs for ``folder/dict.txt``: fairseq's 4 specials, the lines, <mask>."""
     return 4 + sum(1 for _ in open(Path(folder) / "dict.txt")) + 1
@@ -203,6 +215,24 @@ def audio_manifest(tmp_path_factory):
     rng = np.random.default_rng(0)
     return write_audio_manifest(tmp_path_factory.mktemp("audio") / "clips",
                                 [int(n) for n in rng.integers(1000, 4000, size=40)])
+
+
+@pytest.fixture(scope="session")
+def retrieval_folders(tmp_path_factory, text_corpus):
+    """modality -> a labelled retrieval folder: text (GLUE layout, two topics of distinct words) and audio
+    (two kinds of tone, train/valid manifests with labels)."""
+    root = tmp_path_factory.mktemp("retrieval")
+    rng = np.random.default_rng(1)
+    topics = {"low": [f"w{i}" for i in range(20)], "high": [f"w{i}" for i in range(20, 40)]}
+
+    def rows(n):
+        return [(" ".join(rng.choice(words, size=6)), label) for label, words in topics.items() for _ in range(n)]
+
+    text = write_glue_folder(root / "topics", {"train": rows(6), "valid": rows(3)}, Path(text_corpus) / "dict.txt")
+    audio = root / "tones"
+    write_audio_manifest(audio, [1600] * 6, labels=[0, 1] * 3, split="train", seed=2)
+    write_audio_manifest(audio, [1600] * 4, labels=[0, 1] * 2, split="valid", seed=3)
+    return {"text": text, "audio": audio}
 
 
 @pytest.fixture(scope="session")

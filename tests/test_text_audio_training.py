@@ -20,15 +20,36 @@ def train(save, setup, modality, *extra, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, sequence_setup):
-    """One 40-update run per modality from a random student."""
+def runs(tmp_path_factory, sequence_setup, retrieval_folders):
+    """One 40-update run per modality from a random student, validated by retrieval on a labelled folder."""
     out = {}
     for modality in ("text", "audio"):
         save = tmp_path_factory.mktemp(f"{modality}_run") / "ckpt"
-        proc = train(save, sequence_setup, modality, *NO_RETRIEVAL, "model.student_init=random",
-                     "optimization.max_update=40")
+        proc = train(save, sequence_setup, modality, f"task.retrieval_folder={retrieval_folders[modality]}",
+                     "task.knn_k=3", "model.student_init=random", "optimization.max_update=40")
         out[modality] = save, proc.stdout + proc.stderr
     return out
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_retrieval_and_knn_metrics_reach_the_valid_log(runs, modality):
+    """Memory = train, queries = valid, and the inverse; k-NN; the teacher's once, with a teacher_ prefix;
+    the protocol of the run recorded (mean pooling over valid positions, no image resize)."""
+    import json
+
+    save, log = runs[modality]
+    valid = json_log_lines(log, "valid")
+    assert len(valid) == 2, log[-3000:]
+    name = "topics" if modality == "text" else "tones"
+    for metric in ("top1", "top3", "inv_top1", "inv_top3", "knn3", "knn3_uniform"):
+        for who in ("", "teacher_"):
+            assert 0 <= float(valid[-1][f"valid_{who}{name}_{metric}"]) <= 100, metric
+    assert float(valid[-1][f"valid_{name}_top3"]) >= float(valid[-1][f"valid_{name}_top1"])
+    record = json.loads((save / "eval_protocol.json").read_text())
+    protocol = record["student"]
+    assert protocol["pooling"] == "mean" and "input_size" not in protocol
+    assert protocol["sets"][name]["modality"] == modality
+    assert not (save / "retrieval_examples.png").exists()  # pictures are drawn for images only
 
 
 @pytest.mark.parametrize("modality", ["text", "audio"])
