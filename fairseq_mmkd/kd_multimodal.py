@@ -16,9 +16,9 @@ initialisation, loss and updates (tested).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -34,8 +34,10 @@ from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
 from .kd_model import arch_from_json, arch_to_json, teacher_data_settings
-from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_settings, check_teacher, load_retrieval_sets,
-                      retrieval_progress)
+from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_teacher,
+                      completed_updates, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
+from .retrieval import evaluate_retrieval
+from .retrieval.cli import write_json
 from .multimodal import MODALITY_ORDER, MultimodalDistiller, student_inits
 
 logger = logging.getLogger(__name__)
@@ -224,6 +226,12 @@ class _ModalityModel:
     def parameters(self):
         return self._model.parameters()
 
+    def forward_features(self, source, layer: int = -1):
+        return self.distiller.forward_features(source, layer=layer)
+
+    def teacher_features(self, source, layer: int = -1):
+        return self.distiller.teacher_features(source, layer=layer)
+
     def named_parameters(self):
         return self.distiller.named_parameters()
 
@@ -313,6 +321,9 @@ class D2vKDMultimodalTask(D2vKDTask):
             view = model.modality_model(m)
             check_teacher(view, getattr(cfg, f"{m}_teacher"))
             self.modality_data[m].configure(view)
+            if self.modality_sets.get(m):
+                fit_retrieval_sets(self.modality_sets[m], ModalityView(self.cfg, m), view)
+                check_retrieval_model(self.cfg, view)
         return model
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
@@ -353,6 +364,40 @@ class D2vKDMultimodalTask(D2vKDTask):
                                                               stream.dataset(epoch))
             sample = {**sample, "modalities": {**sample["modalities"], "image": image}}
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        """The distillation loss of every modality's validation batch, then every modality's retrieval (the
+        student's each round, the teachers' once per run), under the single-modality metric names."""
+        loss, sample_size, logging_output = FairseqTask.valid_step(self, sample, model, criterion)
+        if not self.retrieval_sets:
+            return loss, sample_size, logging_output
+        with_teacher = self.cfg.retrieval_teacher and model.distiller.teacher_blocks is not None
+        student, teacher = {}, {}
+        with torch.inference_mode():
+            for m, sets in self.modality_sets.items():
+                view = model.modality_model(m)
+                kwargs = dict(progress=retrieval_progress(self.cfg.retrieval_progress),
+                              **self.evaluation_settings(view))
+                layer = self.cfg.retrieval_layer
+                student.update(evaluate_retrieval(feature_function(view, layer, False), sets, **kwargs))
+                if with_teacher and self.teacher_metrics is None:
+                    teacher.update(evaluate_retrieval(feature_function(view, layer, True), sets, **kwargs))
+        if with_teacher and self.teacher_metrics is None:
+            self.teacher_metrics = teacher
+        if not self.protocol_written:
+            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            if rank0 and self.cfg.save_dir:
+                write_json(Path(self.cfg.save_dir) / "eval_protocol.json", {
+                    "written_at_update": completed_updates(),
+                    "metrics": "valid_<name> in fairseq's log; the teacher's with a teacher_ prefix",
+                    "modalities": {m: self.protocol_record(model.modality_model(m), sets, with_teacher)
+                                   for m, sets in self.modality_sets.items()},
+                })
+            self.protocol_written = True
+        logging_output.update({k: float(v) for k, v in student.items()})
+        logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
+        logging_output["retrieval_rounds"] = 1
+        return loss, sample_size, logging_output
 
     @property
     def modality_weights(self) -> Dict[str, float]:

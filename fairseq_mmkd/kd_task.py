@@ -262,25 +262,31 @@ class D2vKDTask(FairseqTask):
                                   progress=retrieval_progress(self.cfg.retrieval_progress), on_embedded=on_embedded,
                                   **self.evaluation_settings(model))
 
+    def protocol_record(self, model, sets: dict, with_teacher: bool) -> dict:
+        """How the student's (and the teacher's) metrics on ``sets`` are computed (``evaluation_protocol``)."""
+        settings, layer = self.evaluation_settings(model), self.cfg.retrieval_layer
+        distiller = model.distiller
+
+        def record(who, blocks, weights, final_norm):
+            return evaluation_protocol(sets, **settings, layer=layer, weights=weights, model=who,
+                                       blocks=len(blocks), block=block_index(layer, len(blocks)) + 1,
+                                       final_norm=final_norm)
+
+        return {
+            "student": record("student", distiller.student_blocks, "student", distiller.student_norm is not None),
+            "teacher": record("teacher", distiller.teacher_blocks, self.teacher_weights or "model", False)
+            if with_teacher else None,
+        }
+
     def write_protocol(self, model, with_teacher: bool) -> None:
         """``SAVE_DIR/eval_protocol.json``: how this run's validation metrics are computed (rank 0 only)."""
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if not rank0 or not self.cfg.save_dir:
             return
-        settings, layer = self.evaluation_settings(model), self.cfg.retrieval_layer
-        distiller = model.distiller
-
-        def record(who, blocks, weights, final_norm):
-            return evaluation_protocol(self.retrieval_sets, **settings, layer=layer, weights=weights, model=who,
-                                       blocks=len(blocks), block=block_index(layer, len(blocks)) + 1,
-                                       final_norm=final_norm)
-
         write_json(Path(self.cfg.save_dir) / "eval_protocol.json", {
             "written_at_update": completed_updates(),
             "metrics": "valid_<name> in fairseq's log; the teacher's with a teacher_ prefix",
-            "student": record("student", distiller.student_blocks, "student", distiller.student_norm is not None),
-            "teacher": record("teacher", distiller.teacher_blocks, self.teacher_weights or "model", False)
-            if with_teacher else None,
+            **self.protocol_record(model, self.retrieval_sets, with_teacher),
         })
 
     def _example_writer(self, step):
