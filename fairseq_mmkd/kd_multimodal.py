@@ -399,6 +399,20 @@ class D2vKDMultimodalTask(D2vKDTask):
         logging_output["retrieval_rounds"] = 1
         return loss, sample_size, logging_output
 
+    def forward_backward(self, sample, model, criterion, optimizer, update_num, ignore_grad):
+        """One forward and backward per modality, gradients accumulating into the step's one optimizer update:
+        only one modality's activations are held at a time (a single summed backward would hold all three)."""
+        if not sample or "modalities" not in sample:
+            return super().forward_backward(sample, model, criterion, optimizer, update_num, ignore_grad)
+        total_loss, total_size, logs = 0.0, 0, {}
+        for m, batch in sample["modalities"].items():
+            part = {"modalities": {m: batch}, "nsamples": batch["nsamples"]}
+            loss, size, log = super().forward_backward(part, model, criterion, optimizer, update_num, ignore_grad)
+            total_loss, total_size = total_loss + loss.detach(), total_size + size
+            for k, v in log.items():
+                logs[k] = logs[k] + v if k in logs else v
+        return total_loss, total_size, logs
+
     @property
     def modality_weights(self) -> Dict[str, float]:
         weights = dict(self.cfg.modality_weights or {})

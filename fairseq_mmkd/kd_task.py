@@ -206,14 +206,18 @@ class D2vKDTask(FairseqTask):
         zeroes the gradients and marks the update to be skipped in ``optimizer_step``. A batch of still
         encoded JPEGs (``task.gpu_decode``) is decoded and augmented on the model's device first."""
         sample = self.data.prepare_batch(sample, model, self.datasets.get("train")) if self.data else sample
-        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
-                                                               ignore_grad=ignore_grad)
+        loss, sample_size, logging_output = self.forward_backward(sample, model, criterion, optimizer, update_num,
+                                                                  ignore_grad)
         if self.guard is None:
             self.guard = guards.TrainingGuard.from_config(getattr(criterion, "cfg", None))
         if not guards.uses_loss_scaler(optimizer) and self.guard.check(loss, logging_output, model, update_num):
             optimizer.zero_grad()
             return loss, 0, guards.skipped_logging_output(logging_output)
         return loss, sample_size, logging_output
+
+    def forward_backward(self, sample, model, criterion, optimizer, update_num, ignore_grad):
+        """fairseq's own forward and backward of one batch."""
+        return FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
 
     def optimizer_step(self, optimizer, model, update_num):
         if self.guard is not None and self.guard.end_update(update_num):

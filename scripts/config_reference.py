@@ -37,11 +37,19 @@ def reference() -> str:
     from fairseq_mmkd.kd_task import D2vKDTaskConfig
     from fairseq_mmkd.optim import TorchAdamWConfig
 
+    from fairseq_mmkd.kd_multimodal import D2vKDMultimodalModelConfig, _MultimodalFields
+
     out = []
-    for section, name, cls in (("task", "d2v_kd", D2vKDTaskConfig), ("model", "d2v_kd", D2vKDModelConfig),
-                               ("criterion", "d2v_kd", D2vKDCriterionConfig),
-                               ("optimizer", "torch_adamw", TorchAdamWConfig)):
-        out += [f"**`{section}`** (`_name: {name}`, `{cls.__module__}.{cls.__name__}`)", "",
+    for section, name, cls, note in (
+            ("task", "d2v_kd", D2vKDTaskConfig, ""), ("model", "d2v_kd", D2vKDModelConfig, ""),
+            ("criterion", "d2v_kd", D2vKDCriterionConfig, " (also `d2v_kd_multimodal`'s)"),
+            ("optimizer", "torch_adamw", TorchAdamWConfig, ""),
+            ("task", "d2v_kd_multimodal", _MultimodalFields,
+             ": these, then every field of `d2v_kd`'s task but `data`, `retrieval_folder` and `retrieval_examples`"),
+            ("model", "d2v_kd_multimodal", D2vKDMultimodalModelConfig, "")):
+        module = "fairseq_mmkd.kd_multimodal.D2vKDMultimodalTaskConfig" if cls is _MultimodalFields else \
+            f"{cls.__module__}.{cls.__name__}"
+        out += [f"**`{section}`** (`_name: {name}`, `{module}`){note}", "",
                 "| option | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.name.startswith("_") or (section == "optimizer" and f.name == "lr"):  # lr: optimization.lr

@@ -17,7 +17,7 @@ def test_readme_configuration_reference_matches_the_dataclasses():
     assert proc.returncode == 0, proc.stderr
 
 
-CONFIGS = ("kd_image.yaml", "kd_text.yaml", "kd_audio.yaml")
+CONFIGS = ("kd_image.yaml", "kd_text.yaml", "kd_audio.yaml", "kd_multimodal.yaml")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -26,9 +26,12 @@ def test_seed_config_writes_out_every_plugin_field(name):
     overridden with plain `task.x=...`, so every field must be there (and nothing that does not exist)."""
     from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
     from fairseq_mmkd.kd_model import D2vKDModelConfig
+    from fairseq_mmkd.kd_multimodal import D2vKDMultimodalModelConfig, D2vKDMultimodalTaskConfig
     from fairseq_mmkd.kd_task import D2vKDTaskConfig
     from fairseq_mmkd.optim import TorchAdamWConfig
 
+    if name == "kd_multimodal.yaml":
+        D2vKDTaskConfig, D2vKDModelConfig = D2vKDMultimodalTaskConfig, D2vKDMultimodalModelConfig  # noqa: N806
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     for section, cls in (("task", D2vKDTaskConfig), ("model", D2vKDModelConfig),
                          ("criterion", D2vKDCriterionConfig), ("optimizer", TorchAdamWConfig)):
