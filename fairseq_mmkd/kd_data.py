@@ -458,26 +458,14 @@ class StepDataset(FairseqDataset):
                 "nsamples": sum(b["nsamples"] for b in modalities.values())}
 
 
-class MultiValidRound(FairseqDataset):
+class MultiValidRound(ValidRound):
     """One validation batch holding every modality's fixed validation batch (see ``ValidRound``)."""
 
     def __init__(self, rounds: dict):
         self.rounds = rounds
-
-    def __getitem__(self, index):
-        return index
-
-    def __len__(self):
-        return 1
 
     def collater(self, samples):
         if not samples:
             return {}
         modalities = {m: r.collater([0]) for m, r in self.rounds.items()}
         return {"modalities": modalities, "nsamples": sum(b["nsamples"] for b in modalities.values())}
-
-    def num_tokens(self, index):
-        return 1
-
-    def size(self, index):
-        return 1
