@@ -204,8 +204,10 @@ class ImageData(TrainingData):
         if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
             raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
         gpu_decode_mode(cfg.gpu_decode)
-        self.paths = image_data.find_images(os.path.expanduser(cfg.data))
-        image_data.probe_images(self.paths)  # a folder of non-images fails here, in a second
+        paths = image_data.find_images(os.path.expanduser(cfg.data))
+        image_data.probe_images(paths)  # a folder of non-images fails here, in a second
+        # one compact table of the paths, shared by the datasets of every epoch (ImageNet: 67 MB, not a list)
+        self.paths = image_data._PathTable(paths)
         self._input_size = cfg.input_size
         self._device_decode = None
 

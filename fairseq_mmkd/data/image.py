@@ -484,7 +484,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
         self.bad = BadFiles(len(paths), max_bad_fraction, "image", ImageDataError, "max_bad_fraction")
-        self._paths = _PathTable(paths)
+        self._paths = paths if isinstance(paths, _PathTable) else _PathTable(paths)  # a table is shared as is
         self.input_size = int(input_size)
         self.train = bool(train)
         self.scale = (float(scale[0]), float(scale[1]))
