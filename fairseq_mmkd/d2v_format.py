@@ -118,7 +118,8 @@ def save_d2v_checkpoint(model: D2vModel, path, task_cfg: dict | None = None) -> 
     atomic_save(trainer_layout(d2v_model_cfg(model.cfg), d2v_state_dict(model), task), path)
 
 
-def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = None, shared: str | None = None) -> None:
+def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = None,
+                                   shared: str | None = None) -> None:
     """Write several ``D2vModel`` s that share their blocks as one multimodal data2vec2 checkpoint.
 
     ``models``: modality -> model, in the order of the file; every model holds the same shared blocks (checked) in
@@ -137,22 +138,24 @@ def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = 
     for m, model in models.items():
         other = model.blocks.state_dict()
         if other.keys() != blocks.keys() or any(not torch.equal(other[k], blocks[k]) for k in blocks):
-            raise ValueError(f"the {m} model's blocks differ from the {shared} model's: a multimodal file has one stack")
+            raise ValueError(f"the {m} model's blocks differ from the {shared} model's: a multimodal file has one "
+                             "stack of blocks")
         if model.cfg.norm_eps != first.cfg.norm_eps or model.cfg.layer_norm_first != first.cfg.layer_norm_first:
             raise ValueError(f"the {m} model's block settings differ from the {shared} model's")
     model_cfg = d2v_model_cfg(first.cfg)
     model_cfg["modalities"] = {m: d2v_model_cfg(model.cfg)["modalities"][m] for m, model in models.items()}
     model_cfg["supported_modality"] = None
     model_cfg["ema_encoder_only"] = True
+    def weights(module, prefix):
+        return {prefix + k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+
     state = {}
     for m, model in models.items():
-        prefix = f"modality_encoders.{type(model.encoder).fairseq_name}."
-        state.update({prefix + k: v.detach().to("cpu", torch.float32).clone()
-                      for k, v in model.encoder.state_dict().items()})
-    state.update({"blocks." + k: v.detach().to("cpu", torch.float32).clone() for k, v in blocks.items()})
+        state.update(weights(model.encoder, f"modality_encoders.{type(model.encoder).fairseq_name}."))
+    state.update(weights(first.blocks, "blocks."))
     if first.norm is not None:
-        state.update({"norm." + k: v.detach().to("cpu", torch.float32).clone() for k, v in first.norm.state_dict().items()})
-    state["_ema"] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in blocks.items()}
+        state.update(weights(first.norm, "norm."))
+    state["_ema"] = weights(first.blocks, "")
     task_cfgs = task_cfgs or {}
     task = {"_name": "multimodal_pretraining"}
     for m, model in models.items():

@@ -68,7 +68,7 @@ def distiller_as_d2v(distiller, block_cfg: D2vConfig) -> D2vModel:
     if cfg.layer_norm_first:
         raise ValueError("exporting pre-LN students is not supported: fairseq's pre-LN data2vec2 block drops the "
                          "residual stream, so the exported file would not compute what the student computes")
-    for attr in ("embed_dim", "num_heads", "mlp_ratio", "norm_affine"):
+    for attr in ("embed_dim", "num_heads"):
         if getattr(cfg, attr) != getattr(block_cfg, attr):
             raise ValueError(f"the {cfg.modality} encoder was built with {attr}={getattr(cfg, attr)}, the student "
                              f"blocks with {getattr(block_cfg, attr)}; a data2vec_multi file has one {attr}")
@@ -79,14 +79,20 @@ def distiller_as_d2v(distiller, block_cfg: D2vConfig) -> D2vModel:
         encoder_cfg, encoder_state = enc_cls.for_block_layers(cfg.encoder, encoder_state,
                                                               distiller.student_bias_layers)
     targets = replace(cfg.targets, average_top_k_layers=min(cfg.targets.average_top_k_layers, depth))
-    new = replace(cfg, depth=depth, norm_eps=block_cfg.norm_eps, end_of_block_targets=block_cfg.end_of_block_targets,
+    new = replace(cfg, depth=depth, norm_eps=block_cfg.norm_eps, mlp_ratio=block_cfg.mlp_ratio,
+                  norm_affine=block_cfg.norm_affine, end_of_block_targets=block_cfg.end_of_block_targets,
                   encoder=encoder_cfg, targets=targets, encoder_norm_eps=None)
     model = D2vModel(new)
     if _norm_eps(model.encoder) != _norm_eps(distiller.shared_encoder):  # the teacher's eps differs and is used
         model = D2vModel(replace(new, encoder_norm_eps=cfg.encoder_eps))
         if _norm_eps(model.encoder) != _norm_eps(distiller.shared_encoder):
             raise ValueError(f"the {cfg.modality} encoder's normalisation layers cannot be rebuilt with their eps")
-    model.encoder.load_state_dict(encoder_state)
+    try:
+        model.encoder.load_state_dict(encoder_state)
+    except RuntimeError:  # its prenet blocks or LayerNorms are of another shape than the student blocks'
+        raise ValueError(f"the {cfg.modality} encoder's blocks or LayerNorms differ from the student blocks' (mlp_ratio "
+                         f"{cfg.mlp_ratio} vs {block_cfg.mlp_ratio}, norm_affine {cfg.norm_affine} vs "
+                         f"{block_cfg.norm_affine}); a data2vec_multi file builds both alike") from None
     model.blocks.load_state_dict(distiller.student_blocks.state_dict())
     return model.eval().requires_grad_(False)
 
@@ -162,7 +168,9 @@ def _text_data(models: Dict[str, D2vModel], text_dict) -> Optional[str]:
     return text_dict_folder(text_dict, models["text"].cfg.encoder.vocab_size)
 
 
-def _write(student, output, modality: Optional[str], text_dict, checkpoint) -> Dict[str, D2vModel]:
+def write_student(student, output, modality: Optional[str] = None, text_dict=None,
+                  checkpoint="the checkpoint") -> Dict[str, D2vModel]:
+    """Write a loaded student (``kd_model.load_student``) as :func:`export` does; returns modality -> model written."""
     if modality is None and is_multimodal(student) and len(student.modalities) > 1:
         models = {m: student_as_d2v(student, m) for m in student.modalities}
         text_data = _text_data(models, text_dict)
@@ -182,7 +190,7 @@ def export(checkpoint, output, trust_checkpoint: bool = False, modality: Optiona
     modality encoder in front of the one stack of student blocks), anything else the single-modality file of
     ``modality`` (default: the student's own). Returns modality -> the model ``load_d2v(output, modality=...)``
     builds."""
-    return _write(_load(checkpoint, trust_checkpoint, text_dict), output, modality, text_dict, checkpoint)
+    return write_student(_load(checkpoint, trust_checkpoint, text_dict), output, modality, text_dict, checkpoint)
 
 
 def export_student(checkpoint, output, trust_checkpoint: bool = False, modality: Optional[str] = None,
@@ -191,7 +199,7 @@ def export_student(checkpoint, output, trust_checkpoint: bool = False, modality:
     ``d2v_kd_multimodal`` with ``modality``); returns the model written."""
     student = _load(checkpoint, trust_checkpoint, text_dict)
     modality = pick_modality(student, modality, checkpoint)
-    return _write(student, output, modality, text_dict, checkpoint)[modality]
+    return write_student(student, output, modality, text_dict, checkpoint)[modality]
 
 
 def notes(models: Dict[str, D2vModel], text_dict) -> list:
@@ -202,8 +210,8 @@ def notes(models: Dict[str, D2vModel], text_dict) -> list:
         if cfg.encoder_norm_eps is not None:
             out.append(f"note: the {m} encoder's LayerNorm eps ({cfg.encoder_norm_eps:g}) differs from the student "
                        f"blocks' ({cfg.norm_eps:g}); the file records both (cfg.model.modalities.{m}.norm_eps) and "
-                       f"fairseq_mmkd.load_d2v uses both, while fairseq's own data2vec2 code builds every LayerNorm with "
-                       f"cfg.model.norm_eps")
+                       "fairseq_mmkd.load_d2v uses both, while fairseq's own data2vec2 code builds every LayerNorm "
+                       "with cfg.model.norm_eps")
     if "text" in models and text_dict is None:
         out.append("note: fairseq's own data2vec2 code sizes the text vocabulary from task.data/dict.txt, which this "
                    "file does not name; pass --text-dict DICT.TXT for a file fairseq loads (load_d2v does not need it)")

@@ -214,7 +214,8 @@ def load_model(checkpoint, weights: str = "model", device: str = "cpu", trust_ch
         if e.model_name not in STUDENT_MODELS:
             raise
     if weights == "ema":
-        raise UsageError(f"{checkpoint}: is a student training checkpoint, which has no EMA weights; drop --weights ema")
+        raise UsageError(f"{checkpoint}: is a student training checkpoint, which has no EMA weights; drop "
+                         "--weights ema")
     from .export import pick_modality, student_as_d2v, teacher_settings
     from .kd_model import load_student
 

@@ -180,8 +180,9 @@ def load_student(path, device="cpu", trust_checkpoint: bool = False):
     cfg = state.get("cfg") if isinstance(state, dict) else None
     name = (cfg or {}).get("model", {}).get("_name") if isinstance(cfg, dict) else None
     if name not in STUDENT_MODELS:
-        raise CheckpointError(f"{path}: is not a d2v_kd student checkpoint (nor d2v_kd_multimodal; model {name!r}); for "
-                              "a data2vec2 teacher checkpoint or an exported student use --teacher / load_d2v")
+        raise CheckpointError(f"{path}: is not a d2v_kd student checkpoint (nor d2v_kd_multimodal; model "
+                              f"{name!r}); for a data2vec2 teacher checkpoint or an exported student use --teacher / "
+                              "load_d2v")
     if name == "d2v_kd_multimodal":
         from . import kd_multimodal  # noqa: F401  (registers the task and model; imports this module)
     cfg = OmegaConf.create(cfg, flags={"allow_objects": True})

@@ -43,7 +43,8 @@ def run(tmp_path_factory, sequence_setup, photo_folder):
                 "task.tokens_per_sample=16", "task.image_batch_size=8", "task.text_batch_size=8",
                 "task.audio_max_tokens=16000", "task.min_sample_size=800", "task.max_sample_size=2000",
                 "dataset.batch_size=1", "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
-                "checkpoint.maximize_best_checkpoint_metric=false", "optimization.max_update=10", config="kd_multimodal")
+                "checkpoint.maximize_best_checkpoint_metric=false", "optimization.max_update=10",
+                config="kd_multimodal")
     encoders = {m: load_d2v(p, modality=m).encoder.state_dict() for m, p in teachers.items()}
     for p in teachers.values():
         p.unlink()
@@ -178,11 +179,15 @@ def test_fairseq_reads_the_multimodal_file(run, student, exported):
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_single_modality_export_is_a_file_fairseq_loads(run, student, modality, tmp_path):
+def test_single_modality_export_is_a_file_fairseq_loads(run, student, modality, tmp_path, capsys):
     from fairseq_mmkd.export import main
 
     out = tmp_path / f"{modality}.pt"
     text = ["--text-dict", str(run.text_dict)] if modality == "text" else []
+    if modality == "text":  # without the dictionary: a file for load_d2v, and a note saying what fairseq needs
+        assert main(["--checkpoint", str(run.ckpt), "--output", str(out), "--modality", "text"]) == 0
+        assert "pass --text-dict DICT.TXT for a file fairseq loads" in capsys.readouterr().err
+        assert torch.load(out, weights_only=True)["cfg"]["task"]["data"] == ""
     assert main(["--checkpoint", str(run.ckpt), "--output", str(out), "--modality", modality, *text]) == 0
     state = torch.load(out, map_location="cpu", weights_only=True)
     assert state["cfg"]["model"]["supported_modality"] == modality.upper()
@@ -193,6 +198,17 @@ def test_single_modality_export_is_a_file_fairseq_loads(run, student, modality, 
         torch.testing.assert_close(load_d2v(out)(source, padding_mask)["x"], expected[0], rtol=0, atol=0)
     file_state, fairseq_model = fairseq_model_of(out)
     assert_fairseq_matches(fairseq_model, file_state["cfg"]["model"], modality, expected, source, padding_mask)
+
+
+def test_exports_carry_the_audio_teachers_normalisation(run, tmp_path):
+    from fairseq_mmkd.export import write_student
+
+    student = load_student(run.ckpt)
+    student.teacher_task_cfgs["audio"] = {"normalize": False}  # as recorded from a teacher trained without it
+    write_student(student, tmp_path / "multi.pt")
+    write_student(student, tmp_path / "audio.pt", "audio")
+    for path in (tmp_path / "multi.pt", tmp_path / "audio.pt"):
+        assert load_d2v(path, modality="audio").fairseq_task_cfg["normalize"] is False
 
 
 def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
@@ -285,7 +301,8 @@ def test_per_layer_alibi_scales_follow_the_student_blocks_into_the_export(tmp_pa
     from fairseq_mmkd.export import student_as_d2v
 
     enc = AudioEncoderConfig(conv_spec="[(32, 10, 5)] + [(32, 3, 2)] * 2", conv_pos_width=10, conv_pos_depth=2,
-                             conv_pos_groups=4, prenet_depth=1, alibi_heads=4, alibi_scale_per_layer=True, model_depth=3)
+                             conv_pos_groups=4, prenet_depth=1, alibi_heads=4, alibi_scale_per_layer=True,
+                             model_depth=3)
     torch.manual_seed(0)
     teacher = D2vModel(D2vConfig(modality="audio", embed_dim=32, depth=3, num_heads=4, norm_eps=1e-5, encoder=enc,
                                  targets=TargetConfig(average_top_k_layers=2)))
