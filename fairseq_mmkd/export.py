@@ -90,8 +90,8 @@ def distiller_as_d2v(distiller, block_cfg: D2vConfig) -> D2vModel:
     try:
         model.encoder.load_state_dict(encoder_state)
     except RuntimeError:  # its prenet blocks or LayerNorms are of another shape than the student blocks'
-        raise ValueError(f"the {cfg.modality} encoder's blocks or LayerNorms differ from the student blocks' (mlp_ratio "
-                         f"{cfg.mlp_ratio} vs {block_cfg.mlp_ratio}, norm_affine {cfg.norm_affine} vs "
+        raise ValueError(f"the {cfg.modality} encoder's blocks or LayerNorms differ from the student blocks' "
+                         f"(mlp_ratio {cfg.mlp_ratio} vs {block_cfg.mlp_ratio}, norm_affine {cfg.norm_affine} vs "
                          f"{block_cfg.norm_affine}); a data2vec_multi file builds both alike") from None
     model.blocks.load_state_dict(distiller.student_blocks.state_dict())
     return model.eval().requires_grad_(False)
