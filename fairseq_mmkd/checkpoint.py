@@ -28,6 +28,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message saying why and what to do."""
 
 
+class WrongModelError(CheckpointError):
+    """A fairseq checkpoint of another model than ``data2vec_multi``; ``model_name`` says which."""
+
+    def __init__(self, message: str, model_name=None):
+        super().__init__(message)
+        self.model_name = model_name
+
+
 def _allowed_globals() -> list:
     """Types beyond tensors/containers/primitives that fairseq's trainer legitimately pickles."""
     allowed = [argparse.Namespace, np.dtype]
@@ -101,6 +109,8 @@ def describe_wrong_model(name: Optional[str]) -> str:
         "wav2vec_ctc": "a fine-tuned speech recogniser; use the pretrained-only file (e.g. base_libri.pt)",
         "d2v_kd": "a student checkpoint of this plugin; pass the original teacher, or export the student with "
                   "`python -m fairseq_mmkd.export` first",
+        "d2v_kd_multimodal": "a multimodal student checkpoint of this plugin; pass the original teachers, or export "
+                             "the student with `python -m fairseq_mmkd.export` first",
     }
     return hints.get(name, "use a data2vec 2.0 pretraining checkpoint such as base_imagenet.pt, nlp_base.pt or "
                            "base_libri.pt")
@@ -248,8 +258,8 @@ def load_d2v(path, weights: str = "model", device="cpu", trust_checkpoint: bool 
     model_cfg = _model_cfg(state, path)
     name = model_cfg.get("_name")
     if name != "data2vec_multi":
-        raise CheckpointError(f"{path}: is a {name!r} model, not a data2vec 2.0 model ('data2vec_multi'); "
-                              f"{describe_wrong_model(name)}")
+        raise WrongModelError(f"{path}: is a {name!r} model, not a data2vec 2.0 model ('data2vec_multi'); "
+                              f"{describe_wrong_model(name)}", model_name=name)
     model_sd = upgrade_alibi_scale(state["model"])
     modality = detect_modality(model_cfg, model_sd, path, modality)
     try:
@@ -264,12 +274,13 @@ def load_d2v(path, weights: str = "model", device="cpu", trust_checkpoint: bool 
     model.checkpoint_path = str(path)
     model.weights = weights
     model.fairseq_model_cfg = model_cfg
-    model.fairseq_task_cfg = _task_cfg(state)
+    model.fairseq_task_cfg = _task_cfg(state, modality)
     return model.to(device)
 
 
-def _task_cfg(state: dict) -> dict:
-    """The checkpoint's ``cfg.task`` as a plain dict (``{}`` when absent): e.g. audio's ``normalize``."""
+def _task_cfg(state: dict, modality: Optional[str] = None) -> dict:
+    """The checkpoint's ``cfg.task`` as a plain dict (``{}`` when absent): e.g. audio's ``normalize``; of a
+    multimodal file (fairseq's ``multimodal_pretraining`` task), the section of ``modality``."""
     task = (state.get("cfg") or {}).get("task") if isinstance(state.get("cfg"), dict) else None
     if task is not None and not isinstance(task, dict):
         try:
@@ -277,6 +288,8 @@ def _task_cfg(state: dict) -> dict:
             task = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
         except Exception:
             task = None
+    if task and task.get("_name") == "multimodal_pretraining" and isinstance(task.get(modality), dict):
+        task = task[modality]
     return dict(task or {})
 
 

@@ -34,6 +34,8 @@ def d2v_model_cfg(cfg: D2vConfig) -> dict:
         "use_alibi_encoder": False, "decoder": None, "num_alibi_heads": cfg.num_heads, "model_depth": cfg.depth,
         **enc_cls.fairseq_modality_cfg(cfg.encoder),
     }
+    if cfg.encoder_norm_eps is not None and cfg.encoder_norm_eps != cfg.norm_eps:
+        modality["norm_eps"] = cfg.encoder_norm_eps  # read by load_d2v; fairseq's own code drops it (README)
     model = {
         "_name": "data2vec_multi", "depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads,
         "mlp_ratio": cfg.mlp_ratio, "norm_eps": cfg.norm_eps, "norm_affine": cfg.norm_affine,
@@ -114,3 +116,48 @@ def save_d2v_checkpoint(model: D2vModel, path, task_cfg: dict | None = None) -> 
     enc_cls = type(model.encoder)
     task = task_cfg if task_cfg is not None else enc_cls.fairseq_task_cfg(model.cfg.encoder)
     atomic_save(trainer_layout(d2v_model_cfg(model.cfg), d2v_state_dict(model), task), path)
+
+
+def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = None,
+                                   shared: str | None = None) -> None:
+    """Write several ``D2vModel`` s that share their blocks as one multimodal data2vec2 checkpoint.
+
+    ``models``: modality -> model, in the order of the file; every model holds the same shared blocks (checked) in
+    front of its own modality encoder. The file is data2vec2's multimodal layout: ``modality_encoders.<NAME>.*`` for
+    each modality, with its own ``cfg.model.modalities.<modality>`` section (its ``norm_eps`` where the encoder's
+    differs from the blocks'), ``supported_modality`` unset, one ``blocks.*``, an EMA copy of the blocks only
+    (``ema_encoder_only``), and fairseq's ``multimodal_pretraining`` task with each modality's task section
+    (``task_cfgs``: modality -> its ``cfg.task``; default: the encoder's ``fairseq_task_cfg``). The model-wide
+    settings (``norm_eps``, target settings) are those of ``shared`` (default: the first modality).
+    """
+    if not models:
+        raise ValueError("no modality to write")
+    shared = shared or next(iter(models))
+    first = models[shared]
+    blocks = first.blocks.state_dict()
+    for m, model in models.items():
+        other = model.blocks.state_dict()
+        if other.keys() != blocks.keys() or any(not torch.equal(other[k], blocks[k]) for k in blocks):
+            raise ValueError(f"the {m} model's blocks differ from the {shared} model's: a multimodal file has one "
+                             "stack of blocks")
+        if model.cfg.norm_eps != first.cfg.norm_eps or model.cfg.layer_norm_first != first.cfg.layer_norm_first:
+            raise ValueError(f"the {m} model's block settings differ from the {shared} model's")
+    model_cfg = d2v_model_cfg(first.cfg)
+    model_cfg["modalities"] = {m: d2v_model_cfg(model.cfg)["modalities"][m] for m, model in models.items()}
+    model_cfg["supported_modality"] = None
+    model_cfg["ema_encoder_only"] = True
+    def weights(module, prefix):
+        return {prefix + k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+
+    state = {}
+    for m, model in models.items():
+        state.update(weights(model.encoder, f"modality_encoders.{type(model.encoder).fairseq_name}."))
+    state.update(weights(first.blocks, "blocks."))
+    if first.norm is not None:
+        state.update(weights(first.norm, "norm."))
+    state["_ema"] = weights(first.blocks, "")
+    task_cfgs = task_cfgs or {}
+    task = {"_name": "multimodal_pretraining"}
+    for m, model in models.items():
+        task[m] = task_cfgs.get(m) or type(model.encoder).fairseq_task_cfg(model.cfg.encoder)
+    atomic_save(trainer_layout(model_cfg, state, task), path)

@@ -34,6 +34,10 @@ class D2vConfig:
     end_of_block_targets: bool = False
     encoder: Any = None  # the modality encoder's Config; None means its defaults
     targets: TargetConfig = field(default_factory=TargetConfig)
+    # LayerNorm eps of the modality encoder (its context LayerNorm and prenet blocks) where it differs from the
+    # shared blocks' norm_eps: a multimodal export keeps each teacher's own (data2vec2 has one eps per model).
+    # In files: cfg.model.modalities.<modality>.norm_eps, a key fairseq's own code drops. None: norm_eps.
+    encoder_norm_eps: Optional[float] = None
 
     def __post_init__(self):
         if self.encoder is None:
@@ -55,13 +59,25 @@ class D2vConfig:
             end_of_block_targets=bool(model_cfg.get("end_of_block_targets", False)),
             encoder=get_encoder_class(modality).config_from_fairseq(model_cfg, state),
             targets=TargetConfig.from_fairseq(model_cfg),
+            encoder_norm_eps=_optional_float(((model_cfg.get("modalities") or {}).get(modality) or {}).get("norm_eps")),
         )
 
-    def make_block(self, drop_path: float = 0.0, preln_upstream_quirk: bool = True) -> Block:
-        return Block(self.embed_dim, self.num_heads, self.mlp_ratio, norm_eps=self.norm_eps,
+    @property
+    def encoder_eps(self) -> float:
+        """The LayerNorm eps the modality encoder is built with."""
+        return self.norm_eps if self.encoder_norm_eps is None else self.encoder_norm_eps
+
+    def make_block(self, drop_path: float = 0.0, preln_upstream_quirk: bool = True,
+                   norm_eps: Optional[float] = None) -> Block:
+        return Block(self.embed_dim, self.num_heads, self.mlp_ratio,
+                     norm_eps=self.norm_eps if norm_eps is None else norm_eps,
                      norm_affine=self.norm_affine, layer_norm_first=self.layer_norm_first,
                      ffn_targets=not self.end_of_block_targets, drop_path=drop_path,
                      preln_upstream_quirk=preln_upstream_quirk)
+
+
+def _optional_float(value) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 class D2vModel(nn.Module):
@@ -85,8 +101,8 @@ class D2vModel(nn.Module):
         self.cfg = cfg
         make_block = partial(cfg.make_block, preln_upstream_quirk=True)
         self.encoder = get_encoder_class(cfg.modality)(
-            cfg.encoder, cfg.embed_dim, make_block, norm_eps=cfg.norm_eps, norm_affine=cfg.norm_affine,
-            layer_norm_first=cfg.layer_norm_first)
+            cfg.encoder, cfg.embed_dim, partial(make_block, norm_eps=cfg.encoder_eps), norm_eps=cfg.encoder_eps,
+            norm_affine=cfg.norm_affine, layer_norm_first=cfg.layer_norm_first)
         self.blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
         self.norm = (nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
                      if cfg.layer_norm_first else None)

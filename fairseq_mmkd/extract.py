@@ -3,7 +3,10 @@
 Distillation is only as good as its targets, and the plugin computes them with its own re-implementation
 of fairseq's ``Data2VecMultiModel``. This tool writes every intermediate distillation uses to one ``.npz``
 so it can be checked against fairseq's own outputs (the parity tests do exactly that), inspected, or
-cached. It serves image, text and audio checkpoints alike; the modality comes from the checkpoint::
+cached. It serves image, text and audio checkpoints alike; the modality comes from the checkpoint (a multimodal
+file, such as an exported multimodal student, needs ``--modality``). A student training checkpoint (``d2v_kd``,
+``d2v_kd_multimodal``) is read as the file ``python -m fairseq_mmkd.export`` would write of it (``targets`` with
+its teacher's settings)::
 
     python -m fairseq_mmkd.extract --checkpoint CKPT --input X.npy [--padding-mask M.npy] --output OUT.npz \\
         [--weights model|ema] [--device cpu|cuda] [--batch-size 64] [--modality M] [--trust-checkpoint]
@@ -48,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_d2v
+from .checkpoint import CheckpointError, WrongModelError, load_d2v
 
 EXIT_BAD_COMMAND = 2
 SAMPLE_RATE = 16000
@@ -198,6 +201,31 @@ def _has_padding(model, inputs: np.ndarray, mask: Optional[np.ndarray]) -> bool:
     return False
 
 
+def load_model(checkpoint, weights: str = "model", device: str = "cpu", trust_checkpoint: bool = False,
+               modality: Optional[str] = None):
+    """A data2vec 2.0 file (``load_d2v``), or a student training checkpoint (``d2v_kd``, ``d2v_kd_multimodal``) as
+    the model its export would be: the modality's frozen encoder in front of the student blocks."""
+    try:
+        return load_d2v(checkpoint, weights=weights, device=device, trust_checkpoint=trust_checkpoint,
+                        modality=modality)
+    except WrongModelError as e:
+        from .kd_model import STUDENT_MODELS
+
+        if e.model_name not in STUDENT_MODELS:
+            raise
+    if weights == "ema":
+        raise UsageError(f"{checkpoint}: is a student training checkpoint, which has no EMA weights; drop "
+                         "--weights ema")
+    from .export import pick_modality, student_as_d2v, teacher_settings
+    from .kd_model import load_student
+
+    student = load_student(checkpoint, trust_checkpoint=trust_checkpoint)
+    modality = pick_modality(student, modality, checkpoint)
+    model = student_as_d2v(student, modality).to(device)
+    model.fairseq_task_cfg = teacher_settings(student, modality)
+    return model
+
+
 def extract(checkpoint, inputs, output, weights: str = "model", device: str = "cpu", batch_size: int = 64,
             trust_checkpoint: bool = False, padding_mask=None, modality: Optional[str] = None) -> Path:
     """Write the teacher outputs for ``inputs`` to ``output`` (see module docstring).
@@ -230,8 +258,8 @@ def extract(checkpoint, inputs, output, weights: str = "model", device: str = "c
     if output.is_dir():
         raise UsageError(f"{output}: is a directory; pass the path of the .npz file to write")
 
-    model = load_d2v(checkpoint, weights=weights, device=device, trust_checkpoint=trust_checkpoint,
-                     modality=modality)
+    model = load_model(checkpoint, weights=weights, device=device, trust_checkpoint=trust_checkpoint,
+                       modality=modality)
     if audio_files:
         if model.cfg.modality != "audio":
             raise UsageError(f"audio files given, but {checkpoint} is a {model.cfg.modality} model; pass a .npy input")
@@ -289,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: 64)")
     p.add_argument("--modality", choices=("image", "text", "audio"),
-                   help="which modality of a multimodal checkpoint (default: the checkpoint's own)")
+                   help="which modality of a multimodal checkpoint (an exported multimodal student or a "
+                        "d2v_kd_multimodal training checkpoint; default: the checkpoint's own)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
     return p.parse_args(argv)

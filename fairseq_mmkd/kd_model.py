@@ -161,11 +161,15 @@ def teacher_data_settings(task_cfg: dict) -> dict:
     return {k: task_cfg[k] for k in ("normalize",) if k in task_cfg}
 
 
-def load_student(path, device="cpu", trust_checkpoint: bool = False) -> D2vKDModel:
-    """A trained ``d2v_kd`` checkpoint as an eval-mode model (no teacher file needed).
+STUDENT_MODELS = ("d2v_kd", "d2v_kd_multimodal")
+
+
+def load_student(path, device="cpu", trust_checkpoint: bool = False):
+    """A trained ``d2v_kd`` (or ``d2v_kd_multimodal``) checkpoint as an eval-mode model (no teacher file needed).
 
     Reads the file with the plugin's safe loader, then lets fairseq rebuild the task and model exactly as
-    ``checkpoint_utils.load_model_ensemble_and_task`` would.
+    ``checkpoint_utils.load_model_ensemble_and_task`` would. A multimodal student is a ``D2vKDMultimodalModel``:
+    ``modalities``, and ``modality_model(m)`` for what the single-modality code reads of one of them.
     """
     from fairseq import tasks
     from omegaconf import OmegaConf
@@ -175,9 +179,12 @@ def load_student(path, device="cpu", trust_checkpoint: bool = False) -> D2vKDMod
     state = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     cfg = state.get("cfg") if isinstance(state, dict) else None
     name = (cfg or {}).get("model", {}).get("_name") if isinstance(cfg, dict) else None
-    if name != "d2v_kd":
-        raise CheckpointError(f"{path}: is not a d2v_kd student checkpoint (model {name!r}); for a data2vec2 "
-                              "teacher checkpoint use --teacher / load_d2v_image")
+    if name not in STUDENT_MODELS:
+        raise CheckpointError(f"{path}: is not a d2v_kd student checkpoint (nor d2v_kd_multimodal; model "
+                              f"{name!r}); for a data2vec2 teacher checkpoint or an exported student use --teacher / "
+                              "load_d2v")
+    if name == "d2v_kd_multimodal":
+        from . import kd_multimodal  # noqa: F401  (registers the task and model; imports this module)
     cfg = OmegaConf.create(cfg, flags={"allow_objects": True})
     task = tasks.setup_task(cfg.task, from_checkpoint=True)
     task.load_state_dict(state.get("task_state") or {})

@@ -91,6 +91,39 @@ def test_checkpoints_hold_no_teacher_blocks_and_load_without_the_teacher(runs, s
 
 
 @pytest.mark.parametrize("modality", ["text", "audio"])
+def test_text_and_audio_students_export_to_files_fairseq_loads(runs, sequence_setup, modality, tmp_path):
+    """``python -m fairseq_mmkd.export`` of a text or audio student: load_d2v computes the student's features
+    exactly, fairseq's own data2vec2 code to 1e-5 (text: with the dictionary --text-dict names)."""
+    from pathlib import Path
+
+    from fairseq_reference import fairseq_load_checkpoint
+
+    from fairseq_mmkd import load_d2v
+    from fairseq_mmkd.export import main
+    from fairseq_mmkd.kd_model import load_student
+
+    save, _ = runs[modality]
+    out = tmp_path / "student_d2v2.pt"
+    text = ["--text-dict", str(Path(sequence_setup["text"][0]) / "dict.txt")] if modality == "text" else []
+    assert main(["--checkpoint", str(save / "checkpoint_last.pt"), "--output", str(out), *text]) == 0
+    if modality == "text":
+        source = torch.tensor([[0, 5, 6, 7, 2, 1, 1], [0, 8, 9, 10, 11, 12, 2]])
+        padding_mask = source.eq(1)
+    else:
+        source, padding_mask = torch.randn(2, 1600), torch.zeros(2, 1600, dtype=torch.bool)
+        padding_mask[1, 1200:] = True
+    with torch.no_grad():
+        expected, seq_mask = load_student(save / "checkpoint_last.pt").distiller.features(source, padding_mask)
+        torch.testing.assert_close(load_d2v(out)(source, padding_mask)["x"], expected, rtol=0, atol=0)
+        state, model = fairseq_load_checkpoint(out)
+        got = model(source, mode=modality.upper(), padding_mask=padding_mask, mask=False, features_only=True,
+                    remove_extra_tokens=False)["x"]
+    assert ((got - expected).abs() * (~seq_mask).unsqueeze(-1)).max() <= 1e-5
+    if modality == "audio":  # the teacher's normalisation travels into the exported file
+        assert state["cfg"].task.normalize is True
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
 def test_resume_is_exact(tmp_path, sequence_setup, modality):
     """Interrupted at update 6 and resumed, the run ends with the weights, Adam moments and schedule of an
     uninterrupted one: the same batches (fairseq's seeded shuffle) and the same audio crops (seeded per clip

@@ -20,6 +20,8 @@ Interface of a registered encoder class ``E``:
         the checkpoint's ``ema_local_encoder`` is set: data2vec2's EMA teacher runs the online ones.
     ``E.fairseq_modality_cfg(cfg) -> dict``: the ``cfg.model.modalities.<name>`` section that rebuilds it.
     ``E.fairseq_task_cfg(cfg) -> dict``: the ``cfg.task`` section of a checkpoint written for it.
+    ``E.for_block_layers(cfg, state, layers) -> (cfg, state)`` (optional; default: unchanged): its config and
+        weights in front of a new stack of blocks whose block i gets what block ``layers[i]`` got (export).
     ``E.ema_encoder_only`` (optional, default False): its released checkpoints keep only the shared blocks in
         ``_ema`` (data2vec2's ``ema_encoder_only``).
 """

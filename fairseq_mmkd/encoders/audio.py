@@ -23,7 +23,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -287,6 +287,17 @@ class AudioEncoder(nn.Module):
                 "learned_alibi_scale": cfg.alibi, "learned_alibi_scale_per_head": cfg.alibi_scale_per_head,
                 "learned_alibi_scale_per_layer": cfg.alibi_scale_per_layer, "num_alibi_heads": cfg.alibi_heads,
                 "model_depth": cfg.model_depth, "ema_local_encoder": False}
+
+    @staticmethod
+    def for_block_layers(cfg: AudioEncoderConfig, state: dict, layers) -> tuple:
+        """``(cfg, state)`` of this encoder in front of a new stack whose block i gets the attention bias block
+        ``layers[i]`` of the old stack got (an exported student): per-layer ALiBi scales are picked to match."""
+        new = replace(cfg, model_depth=len(layers))
+        if not (cfg.alibi and cfg.alibi_scale_per_layer):
+            return new, state
+        depth = cfg.prenet_depth
+        rows = list(range(depth)) + [depth + int(i) for i in layers]
+        return new, {**state, "alibi_scale": state["alibi_scale"][rows].clone()}
 
     @staticmethod
     def fairseq_task_cfg(cfg: AudioEncoderConfig) -> dict:

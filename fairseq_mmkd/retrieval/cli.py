@@ -54,7 +54,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default_pooling: Optional[st
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="teacher only: online weights or the EMA teacher stored in the checkpoint")
     p.add_argument("--modality", choices=("image", "text", "audio"),
-                   help="teacher only: which modality of a multimodal checkpoint (default: the checkpoint's own)")
+                   help="which modality of a multimodal checkpoint: an exported multimodal student or teacher "
+                        "(--teacher), or a d2v_kd_multimodal training checkpoint (default: the checkpoint's own)")
     p.add_argument("--pooling", choices=("auto",) + POOLINGS, default=default_pooling,
                    help="embedding: the CLS token (text: the <s> token), the mean of the other tokens (padding left "
                         "out), both concatenated, or auto (cls when the model has a CLS token, else mean); default: "
@@ -188,11 +189,10 @@ def load_encoder(args, device) -> Encoder:
         encoder = Encoder(feature_fn, None, model.num_extra_tokens, len(model.blocks), "teacher", args.weights,
                           model.norm is not None)
     else:
-        if getattr(args, "modality", None):
-            raise UsageError("--modality picks one modality of a multimodal teacher; it needs --teacher")
         from ..kd_model import load_student  # imported here: the teacher path does not need the KD model
         model = load_student(args.checkpoint, device=device, trust_checkpoint=args.trust_checkpoint)
         model.eval()
+        model = student_of_modality(model, getattr(args, "modality", None), args.checkpoint)
         distiller = model.distiller
         cfg, task_cfg = distiller.cfg, getattr(model, "teacher_task_cfg", None)
         feature_fn = (partial(model.forward_features, layer=args.layer) if cfg.modality == "image" else
@@ -207,6 +207,26 @@ def load_encoder(args, device) -> Encoder:
     except ValueError as e:
         raise UsageError(f"--layer {args.layer}: the {encoder.model} has {encoder.depth} blocks ({e})") from None
     return encoder
+
+
+def student_of_modality(model, modality: Optional[str], checkpoint):
+    """What evaluation reads of a student for ``--modality``: a multimodal student's ``modality_model`` (the option
+    is required when it has several), or a single-modality student, which must be of that modality."""
+    if hasattr(model, "modality_model"):
+        have = list(model.modalities)
+        if modality is None and len(have) == 1:
+            modality = have[0]
+        if modality is None:
+            raise UsageError(f"{checkpoint}: is a multimodal student ({', '.join(have)}); choose one with --modality "
+                             f"{'|'.join(have)}")
+        if modality not in have:
+            raise UsageError(f"--modality {modality}: {checkpoint} is a multimodal student of {', '.join(have)}; "
+                             f"pass --modality {'|'.join(have)}")
+        return model.modality_model(modality)
+    own = model.distiller.cfg.modality
+    if modality is not None and modality != own:
+        raise UsageError(f"--modality {modality}: {checkpoint} is a {own} student; drop --modality or pass {own}")
+    return model
 
 
 def _facts(args, cfg, task_cfg) -> dict:
