@@ -74,7 +74,7 @@ class D2vKDModel(BaseFairseqModel):
         self.distiller = Distiller(teacher, student_depth=cfg.student_depth, student_init=str(cfg.student_init),
                                    prediction=str(cfg.prediction), drop_path=cfg.drop_path,
                                    keep_teacher_blocks=keep_teacher_blocks)
-        self._register_state_dict_hook(_drop_teacher_blocks)
+        self._register_state_dict_hook(drop_teacher_blocks)
         self._loss = torch.compile(self.distiller.loss) if cfg.compile else self.distiller.loss
 
     @classmethod
@@ -133,14 +133,22 @@ class D2vKDModel(BaseFairseqModel):
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""
-        if self.distiller.teacher_blocks is not None:
-            state_dict = dict(state_dict)
-            for k, v in self.distiller.teacher_blocks.state_dict(prefix=TEACHER_PREFIX).items():
-                state_dict.setdefault(k, v)
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        return super().load_state_dict(with_teacher_blocks(state_dict, self.distiller.teacher_blocks), strict=strict,
+                                       model_cfg=model_cfg, args=args)
 
 
-def _drop_teacher_blocks(module, state_dict, prefix, local_metadata):
+def with_teacher_blocks(state_dict, teacher_blocks):
+    """A checkpoint's state dict completed with the loaded teacher blocks (checkpoints never hold them)."""
+    if teacher_blocks is None:
+        return state_dict
+    state_dict = dict(state_dict)
+    for k, v in teacher_blocks.state_dict(prefix=TEACHER_PREFIX).items():
+        state_dict.setdefault(k, v)
+    return state_dict
+
+
+def drop_teacher_blocks(module, state_dict, prefix, local_metadata):
+    """State-dict hook: the frozen teacher blocks stay out of checkpoints (the teacher file has them)."""
     for k in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
         del state_dict[k]
     return state_dict

@@ -33,7 +33,7 @@ from . import guards, kd_data, save_dir
 from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
-from .kd_model import arch_from_json, arch_to_json, teacher_data_settings
+from .kd_model import arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
 from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_teacher,
                       completed_updates, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
 from .retrieval import evaluate_retrieval
@@ -42,7 +42,6 @@ from .multimodal import MODALITY_ORDER, MultimodalDistiller, student_inits
 
 logger = logging.getLogger(__name__)
 
-TEACHER_PREFIX = "distiller.teacher_blocks."
 # Fields of the single-modality task that name one modality's data: replaced by per-modality ones here.
 SINGLE_MODALITY_FIELDS = ("data", "retrieval_folder", "retrieval_examples")
 
@@ -145,7 +144,7 @@ class D2vKDMultimodalModel(BaseFairseqModel):
                                              student_init=str(cfg.student_init), prediction=str(cfg.prediction),
                                              drop_path=cfg.drop_path, keep_teacher_blocks=keep_teacher_blocks)
         self.teacher_task_cfgs: Dict[str, dict] = {}
-        self._register_state_dict_hook(_drop_teacher_blocks)
+        self._register_state_dict_hook(drop_teacher_blocks)
         self._losses = {m: (torch.compile(self.distiller.view(m).loss) if cfg.compile else self.distiller.view(m).loss)
                         for m in self.distiller.modalities}
 
@@ -204,11 +203,8 @@ class D2vKDMultimodalModel(BaseFairseqModel):
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Checkpoints carry no teacher blocks: take them from the loaded teachers, check the rest strictly."""
-        if self.distiller.teacher_blocks is not None:
-            state_dict = dict(state_dict)
-            for k, v in self.distiller.teacher_blocks.state_dict(prefix=TEACHER_PREFIX).items():
-                state_dict.setdefault(k, v)
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        return super().load_state_dict(with_teacher_blocks(state_dict, self.distiller.teacher_blocks), strict=strict,
+                                       model_cfg=model_cfg, args=args)
 
 
 class _ModalityModel:
@@ -234,12 +230,6 @@ class _ModalityModel:
 
     def named_parameters(self):
         return self.distiller.named_parameters()
-
-
-def _drop_teacher_blocks(module, state_dict, prefix, local_metadata):
-    for k in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
-        del state_dict[k]
-    return state_dict
 
 
 @register_task("d2v_kd_multimodal", dataclass=D2vKDMultimodalTaskConfig)
