@@ -29,7 +29,7 @@ from fairseq.logging import metrics
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.tasks import FairseqTask, register_task
 
-from . import guards, kd_data, save_dir
+from . import kd_data, save_dir
 from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config

@@ -23,13 +23,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .checkpoint import CheckpointError
-from .retrieval.cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments,
+from .retrieval.cli import (DTYPES, UsageError, cli_main, record_set_sizes, add_data_arguments, add_model_arguments, add_run_arguments,
                             fit_sets, load_encoder, load_sets, positive_int, resolve_device, resolve_pooling,
                             write_json)
 from .retrieval.evaluate import dtype_name, embed_split, standardize_embeddings
 from .retrieval.linear import L2_GRID, linear_probe
-from .retrieval.sets import RetrievalDataError
 
 
 def _fraction(text: str) -> float:
@@ -125,10 +123,8 @@ def run(args) -> Dict[str, object]:
     result.update(checkpoint=str(Path(args.checkpoint).resolve()), model=encoder.model, weights=encoder.weights,
                   pooling=pooling, layer=args.layer, device=device, dtype=dtype, limit=args.limit,
                   seconds=round(seconds, 2))
-    for name, data in sets.items():
-        items = "images" if encoder.modality == "image" else "items"
-        result[f"{name}_train_{items}"] = data.num_train
-        result[f"{name}_test_{items}"] = data.num_test
+    record_set_sizes(result, sets, encoder.modality)
+    for name in sets:
         result[f"{name}_probe"] = details[name]
     result["protocol"] = probe_protocol(args, encoder, pooling, dtype_name(DTYPES[dtype]), device, sets)
     if args.json:
@@ -137,13 +133,7 @@ def run(args) -> Dict[str, object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, CheckpointError, RetrievalDataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

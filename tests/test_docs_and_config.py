@@ -30,10 +30,11 @@ def test_seed_config_writes_out_every_plugin_field(name):
     from fairseq_mmkd.kd_task import D2vKDTaskConfig
     from fairseq_mmkd.optim import TorchAdamWConfig
 
-    if name == "kd_multimodal.yaml":
-        D2vKDTaskConfig, D2vKDModelConfig = D2vKDMultimodalTaskConfig, D2vKDMultimodalModelConfig  # noqa: N806
+    multimodal = name == "kd_multimodal.yaml"
+    task = D2vKDMultimodalTaskConfig if multimodal else D2vKDTaskConfig
+    model = D2vKDMultimodalModelConfig if multimodal else D2vKDModelConfig
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
-    for section, cls in (("task", D2vKDTaskConfig), ("model", D2vKDModelConfig),
+    for section, cls in (("task", task), ("model", model),
                          ("criterion", D2vKDCriterionConfig), ("optimizer", TorchAdamWConfig)):
         # the optimizer's lr is fairseq's optimization.lr (as for fairseq's own optimizers)
         fields = {f.name for f in dataclasses.fields(cls)} - ({"lr"} if section == "optimizer" else set()) | {"_name"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (BIN, SIZES, hydra_train, json_log_lines, make_sequence_teacher, make_teacher)
+from conftest import hydra_train, json_log_lines, make_sequence_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

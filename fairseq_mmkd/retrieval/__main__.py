@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..checkpoint import CheckpointError
-from .cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments, fit_sets,
+from .cli import (DTYPES, UsageError, cli_main, record_set_sizes, add_data_arguments, add_model_arguments, add_run_arguments, fit_sets,
                   load_encoder, load_sets, resolve_device, resolve_pooling, write_json)
 from .evaluate import evaluate_retrieval, evaluation_protocol, metric_names
 from .search import BACKENDS
-from .sets import RetrievalDataError
 
 __all__ = ["UsageError", "build_parser", "main", "run"]
 
@@ -100,10 +98,7 @@ def run(args) -> Dict[str, object]:
                   seconds=round(seconds, 2), weights=encoder.weights)
     if encoder.input_size is not None:
         result["input_size"] = int(encoder.input_size)
-    items = "images" if encoder.modality == "image" else "items"
-    for set_name, data in sets.items():
-        result[f"{set_name}_train_{items}"] = data.num_train
-        result[f"{set_name}_test_{items}"] = data.num_test
+    record_set_sizes(result, sets, encoder.modality)
     result["protocol"] = evaluation_protocol(sets, **settings, layer=args.layer, weights=encoder.weights,
                                              checkpoint=result["checkpoint"], **encoder.describe(args.layer))
     if args.json:
@@ -112,14 +107,7 @@ def run(args) -> Dict[str, object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    # Each of these carries a complete message; OSError covers e.g. an unwritable --json path.
-    except (UsageError, CheckpointError, RetrievalDataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,29 @@ def write_json(path, result: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def record_set_sizes(result: dict, sets: Dict[str, RetrievalSet], modality: str) -> None:
+    """``<set>_train_images`` / ``<set>_test_images`` (``_items`` for text and audio) into a ``--json`` result."""
+    items = "images" if modality == "image" else "items"
+    for name, data in sets.items():
+        result[f"{name}_train_{items}"] = data.num_train
+        result[f"{name}_test_{items}"] = data.num_test
+
+
+def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable, argv=None) -> int:
+    """Run a CLI: every problem the user can fix is one ``error:`` line and exit status 2, not a traceback."""
+    from ..checkpoint import CheckpointError
+    from .sets import RetrievalDataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    # Each of these carries a complete message; OSError covers e.g. an unwritable --json path.
+    except (UsageError, CheckpointError, RetrievalDataError, OSError) as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
