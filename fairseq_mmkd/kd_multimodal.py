@@ -34,8 +34,9 @@ from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
 from .kd_model import arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
-from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_teacher,
-                      completed_updates, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
+from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_schedule,
+                      check_teacher, completed_updates, feature_function, fit_retrieval_sets, load_retrieval_sets,
+                      retrieval_progress)
 from .retrieval import evaluate_retrieval
 from .retrieval.cli import write_json
 from .multimodal import MODALITY_ORDER, MultimodalDistiller, student_inits
@@ -254,6 +255,7 @@ class D2vKDMultimodalTask(D2vKDTask):
         root = save_dir.full_config(cfg)
         if root is not None:
             save_dir.claim(root)
+            check_schedule(root)
         retrieval_progress(cfg.retrieval_progress)
         check_retrieval_settings(cfg)
         for m, w in dict(cfg.modality_weights or {}).items():

@@ -152,6 +152,7 @@ class D2vKDTask(FairseqTask):
         root = save_dir.full_config(cfg)
         if root is not None:  # a finished run exits here; a folder in use by another run is refused
             save_dir.claim(root)
+            check_schedule(root)
         retrieval_progress(cfg.retrieval_progress)
         check_retrieval_settings(cfg)
         data = kd_data.training_data(cfg)
@@ -351,6 +352,19 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def check_schedule(root) -> None:
+    """Learning-rate schedules fairseq accepts but that fail at the end of the run (the full config ``root``)."""
+    sched, opt = root.get("lr_scheduler") or {}, root.optimization
+    if sched.get("_name") != "cosine" or (sched.get("lr_period_updates") or 0) > 0:
+        return
+    warmup, updates = sched.get("warmup_updates") or 0, opt.get("max_update") or 0
+    if updates and warmup == updates:
+        raise ValueError(f"lr_scheduler.warmup_updates={warmup} equals optimization.max_update={updates}: fairseq's "
+                         "cosine schedule then decays over zero updates and fails at the last update, before its "
+                         "checkpoint is saved; use fewer warmup updates (the seed recipe: 3000 of 30000) or more "
+                         "updates")
 
 
 def check_retrieval_settings(cfg: D2vKDTaskConfig) -> None:

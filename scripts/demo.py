@@ -9,6 +9,8 @@ training ImageFolder (labels ignored by training), and a labelled retrieval set 
 whose class is the source photograph; its train and test crops come from different positions of the photo.
 Text (``scripts/demo_text.py``): docstrings of Python's standard library, binarized by fairseq-preprocess;
 retrieval by module. Audio (``scripts/demo_audio.py``): eight kinds of synthesised sounds; retrieval by kind.
+All (``--modality all``): the three data sets above (one ``--out`` folder holds them all, so the single-modality
+demos' data is reused) and three random teachers of one width, distilled into one student by ``kd_multimodal``.
 Teacher: the checkpoint you pass, or a small randomly initialised data2vec2 model of the modality written with
 the plugin's own code. A random model's pooled features still carry the input's statistics (colour and
 texture; word choice; pitch and rhythm), so it retrieves far above chance; the student learns to mimic it.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +31,11 @@ PHOTOS = ["astronaut", "brick", "camera", "chelsea", "cell", "clock", "coffee", 
 DEMO_TEACHER = dict(embed_dim=192, num_heads=3, depth=4, prenet_depth=1, input_size=64, patch_size=8)
 DEMO_SEQUENCE_TEACHER = dict(embed_dim=128, num_heads=4, depth=4, text_positions=64,
                              audio_conv="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2")
+# --modality all: one student stack serves the three teachers, so the image teacher takes the sequence teachers'
+# width and heads (all three post-LN, as data2vec2's)
+DEMO_ALL_IMAGE_TEACHER = dict(DEMO_TEACHER, embed_dim=DEMO_SEQUENCE_TEACHER["embed_dim"],
+                              num_heads=DEMO_SEQUENCE_TEACHER["num_heads"])
+MODALITIES = ("image", "text", "audio")
 UNITS = {"image": "images/s", "text": "tokens/s", "audio": "samples/s"}
 
 
@@ -60,8 +68,9 @@ def random_crop(img, rng, min_frac, max_frac, region=None):
     raise RuntimeError("no crop found")
 
 
-def prepare(out: Path, teacher: str | None, train_per_photo: int, retrieval_train: int, retrieval_test: int,
-            seed: int = 0) -> dict:
+def prepare(out: Path, teacher: str | None, train_per_photo: int = 40, retrieval_train: int = 30,
+            retrieval_test: int = 10, seed: int = 0, arch: dict = DEMO_TEACHER,
+            teacher_name: str = "teacher_random_d2v2.pt") -> dict:
     from PIL import Image
 
     from fairseq_mmkd.retrieval import write_cifar
@@ -90,14 +99,14 @@ def prepare(out: Path, teacher: str | None, train_per_photo: int, retrieval_trai
         write_cifar(cifar_root, "cifar100", tr, trl, te, tel)
     made_teacher = teacher is None
     if made_teacher:
-        teacher = str(out / "teacher_random_d2v2.pt")
+        teacher = str(out / teacher_name)
         if not Path(teacher).exists():
-            write_random_teacher(teacher, seed)
+            write_random_teacher(teacher, seed, arch)
     return {"DATA": str(train_dir), "RETRIEVAL": str(cifar_root), "TEACHER": teacher,
             "RANDOM_TEACHER": int(made_teacher)}
 
 
-def write_random_teacher(path, seed: int = 0) -> None:
+def write_random_teacher(path, seed: int = 0, arch: dict = DEMO_TEACHER) -> None:
     """data2vec2's own initialisation (truncated normal weights, N(0, 1) CLS token), saved in fairseq layout."""
     import torch
 
@@ -106,7 +115,7 @@ def write_random_teacher(path, seed: int = 0) -> None:
     from fairseq_mmkd.distill import init_random_
     from fairseq_mmkd.encoders.image import ImageEncoderConfig
 
-    t = DEMO_TEACHER
+    t = arch
     cfg = D2vConfig(embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
                     encoder=ImageEncoderConfig(input_size=t["input_size"], patch_size=t["patch_size"],
                                                embed_dim=t["embed_dim"], prenet_depth=t["prenet_depth"],
@@ -135,7 +144,40 @@ def prepare_sequences(out: Path, modality: str, teacher: str | None, seed: int =
         teacher = str(out / f"teacher_random_d2v2_{modality}.pt")
         if not Path(teacher).exists():
             write_random_sequence_teacher(teacher, modality, vocab, seed)
+    elif modality == "text":
+        check_text_teacher(teacher, vocab, found["DATA"])
     return {**found, "TEACHER": teacher, "RANDOM_TEACHER": int(made)}
+
+
+class DemoError(Exception):
+    """A demo input that cannot work; the message names the problem and the fix."""
+
+
+def check_text_teacher(teacher: str, vocab: int, data: str) -> None:
+    """The text demo tokenises with a word dictionary of its own: a teacher must have been trained on it."""
+    from fairseq_mmkd import load_d2v
+
+    model = load_d2v(teacher)
+    if model.cfg.modality != "text":
+        raise DemoError(f"--teacher {teacher} is a data2vec 2.0 {model.cfg.modality} model; the text demo needs a "
+                        f"text teacher (or run scripts/demo.sh --modality {model.cfg.modality} --teacher ...)")
+    rows = model.cfg.encoder.vocab_size
+    if rows != vocab:
+        raise DemoError(f"--teacher {teacher} embeds {rows} tokens, but the text demo's dictionary ({data}/dict.txt, "
+                        f"words of the standard-library docstrings) makes {vocab}: the demo's text cannot be fed to "
+                        "this teacher; binarize your own text with the teacher's dict.txt and run kd_text as the "
+                        "README shows (or drop --teacher for a random teacher on the demo's dictionary)")
+
+
+def prepare_all(out: Path, seed: int = 0) -> dict:
+    """The three demos' data (reused when ``out`` already holds it) and three random teachers of one width:
+    the text and audio demos' own, and an image teacher of their width and heads."""
+    image = prepare(out, None, seed=seed, arch=DEMO_ALL_IMAGE_TEACHER, teacher_name="teacher_random_d2v2_image.pt")
+    found = {"IMAGE_DATA": image["DATA"], "IMAGE_RETRIEVAL": image["RETRIEVAL"], "IMAGE_TEACHER": image["TEACHER"]}
+    for modality in ("text", "audio"):
+        seq = prepare_sequences(out, modality, None, seed)
+        found.update({f"{modality.upper()}_{k}": seq[k] for k in ("DATA", "RETRIEVAL", "TEACHER")})
+    return {**found, "TEACHER": ", ".join(found[f"{m.upper()}_TEACHER"] for m in MODALITIES), "RANDOM_TEACHER": 1}
 
 
 def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, seed: int = 0) -> None:
@@ -187,7 +229,38 @@ def retrieval_set(row: dict) -> str:
     return "cifar100" if "cifar100" in names else names[0]
 
 
-def report(out: Path, seconds: float, random_teacher: bool, modality: str = "image") -> int:
+def described_set(modality: str) -> tuple:
+    """``(classes, what, layout)`` of a demo's retrieval set."""
+    if modality == "image":
+        return len(PHOTOS), "scikit-image photo crops", "CIFAR-100 layout"
+    from demo_audio import KINDS
+    from demo_text import LABELLED_MODULES
+
+    if modality == "text":
+        return len(LABELLED_MODULES), "standard-library docstrings by module", "GLUE-style folder"
+    return len(KINDS), "synthesised sounds by kind", "wav2vec manifests"
+
+
+def training_losses(log: Path, key: str = "loss") -> tuple:
+    """The logged distillation loss ``key`` at the start and at the end of training (interval lines, else epochs)."""
+    rows = json_lines(log, "train_inner")
+    if rows:
+        return rows[0].get(key, "n/a"), rows[-1].get(key, "n/a")
+    rows = json_lines(log, "train")
+    return (rows[0].get(f"train_{key}", "n/a"), rows[-1].get(f"train_{key}", "n/a")) if rows else ("n/a", "n/a")
+
+
+def retrieval_rows(first: dict, last: dict, name: str, prefix: str = "") -> None:
+    """The four retrieval rows of set ``name``: teacher, student at the first validation, student at the end."""
+    for label, key in (("top-1", "top1"), ("top-3", "top3"), ("inverse top-1", "inv_top1"),
+                       ("inverse top-3", "inv_top3")):
+        key = f"{name}_{key}"
+        t = last.get(f"valid_teacher_{key}", "n/a")
+        print(f"{prefix + label:<22}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}{last.get(f'valid_{key}', 'n/a'):>16}")
+
+
+def read_run(out: Path):
+    """The run's log, its validation rows and its last checkpoint; ``None`` (said on stderr) without validation."""
     import torch
 
     save = out / "checkpoints"
@@ -195,12 +268,20 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
     valid = json_lines(log, "valid")
     if not valid:
         print(f"no validation results in {log}", file=sys.stderr)
+        return None
+    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    return save, log, valid, ckpt
+
+
+def report(out: Path, seconds: float, random_teacher: bool, modality: str = "image") -> int:
+    if modality == "all":
+        return report_all(out, seconds)
+    run = read_run(out)
+    if run is None:
         return 1
+    save, log, valid, ckpt = run
     first, last = valid[0], valid[-1]
     name = retrieval_set(last)
-    names = [("top-1", f"{name}_top1"), ("top-3", f"{name}_top3"), ("inverse top-1", f"{name}_inv_top1"),
-             ("inverse top-3", f"{name}_inv_top3")]
-    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     student = sum(v.numel() for k, v in ckpt["model"].items() if ".student_blocks." in k or ".head." in k)
     encoder = sum(v.numel() for k, v in ckpt["model"].items() if ".shared_encoder." in k)
     from fairseq_mmkd import load_d2v
@@ -208,14 +289,8 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
     teacher = load_d2v(ckpt["cfg"]["model"]["teacher_checkpoint"])
     teacher_blocks = sum(p.numel() for p in teacher.blocks.parameters())
     ips = [float(r["wps"]) for r in json_lines(log, "train_inner")]
-    classes = {"image": (len(PHOTOS), "scikit-image photo crops", "CIFAR-100 layout")}.get(modality)
-    if classes is None:
-        from demo_audio import KINDS
-        from demo_text import LABELLED_MODULES
-
-        classes = ((len(LABELLED_MODULES), "standard-library docstrings by module", "GLUE-style folder")
-                   if modality == "text" else (len(KINDS), "synthesised sounds by kind", "wav2vec manifests"))
-    n_classes, what, layout = classes
+    n_classes, what, layout = described_set(modality)
+    start, end = training_losses(log)
 
     print()
     print("=" * 72)
@@ -224,7 +299,9 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
     print(f"zero-shot retrieval of {what} ({n_classes} classes, chance {100 / n_classes:.0f}% top-1), {layout}")
     print("-" * 72)
     print(f"{'metric':<16}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
-    for label, key in names:
+    for label, key in (("top-1", "top1"), ("top-3", "top3"), ("inverse top-1", "inv_top1"),
+                       ("inverse top-3", "inv_top3")):
+        key = f"{name}_{key}"
         t = last.get(f"valid_teacher_{key}", "n/a")
         print(f"{label:<16}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}{last.get(f'valid_{key}', 'n/a'):>16}")
     print("-" * 72)
@@ -232,11 +309,61 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
           f"teacher blocks (not saved) {teacher_blocks / 1e6:.2f}M")
     if ips:
         print(f"training speed: {sum(ips) / len(ips):.0f} {UNITS[modality]} (mean of logged intervals, this machine)")
-    print(f"distillation loss: {json_lines(log, 'train_inner')[0]['loss']} at the start -> "
-          f"{json_lines(log, 'train_inner')[-1]['loss']} at the end")
+    print(f"distillation loss: {start} at the start -> {end} at the end")
     print(f"checkpoints: {save}/checkpoint_best.pt, checkpoint_last.pt")
     pictures = f"{save}/retrieval_examples.png, " if modality == "image" else ""
     print(f"log: {log}   pictures: {pictures}{out}/metrics.png")
+    print(f"demo took {seconds:.0f} s")
+    print("=" * 72)
+    return 0
+
+
+def report_all(out: Path, seconds: float) -> int:
+    """The multimodal demo's table: per modality, teacher vs student retrieval, then sizes, speed and losses."""
+    from fairseq_mmkd import load_d2v
+    from fairseq_mmkd.retrieval.image_folder import folder_set_name
+
+    run = read_run(out)
+    if run is None:
+        return 1
+    save, log, valid, ckpt = run
+    first, last = valid[0], valid[-1]
+    task, model = ckpt["cfg"]["task"], ckpt["cfg"]["model"]
+    modalities = [m for m in MODALITIES if model.get(f"{m}_teacher")]
+    sets = {m: "cifar100" if m == "image" else folder_set_name(task[f"{m}_retrieval_folder"]) for m in modalities}
+    student = sum(v.numel() for k, v in ckpt["model"].items() if ".student_blocks." in k or ".heads." in k)
+    encoders = {m: sum(v.numel() for k, v in ckpt["model"].items() if f".shared_encoders.{m}." in k)
+                for m in modalities}
+    teachers = {m: sum(p.numel() for p in load_d2v(model[f"{m}_teacher"], modality=m).blocks.parameters())
+                for m in modalities}
+    ups = [float(r["ups"]) for r in json_lines(log, "train_inner")]
+    batches = {"image": f"{task['image_batch_size']} images",
+               "text": f"{task['text_batch_size']} blocks of {task['tokens_per_sample']} tokens",
+               "audio": f"up to {task['audio_max_tokens']:,} samples"}
+
+    print()
+    print("=" * 72)
+    print(f"fairseq_mmkd multimodal demo: RANDOMLY INITIALISED {', '.join(modalities)} teachers, one student, "
+          f"{int(last['valid_num_updates']) if 'valid_num_updates' in last else '?'} updates")
+    for m in modalities:
+        n_classes, what, layout = described_set(m)
+        print(f"{m}: zero-shot retrieval of {what} ({n_classes} classes, chance {100 / n_classes:.0f}% top-1), "
+              f"{layout}")
+    print("-" * 72)
+    print(f"{'metric':<22}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
+    for m in modalities:
+        retrieval_rows(first, last, sets[m], prefix=f"{m} ")
+    print("-" * 72)
+    print(f"parameters: trainable student {student / 1e6:.2f}M, one for all | frozen shared encoders "
+          + ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in encoders.items()) + " | teacher blocks (not saved) "
+          + ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in teachers.items()))
+    if ups:
+        print(f"training speed: {sum(ups) / len(ups):.2f} updates/s (mean of logged intervals, this machine), each "
+              "update one batch per modality: " + ", ".join(batches[m] for m in modalities))
+    losses = {m: training_losses(log, f"loss_{m}") for m in modalities}
+    print("distillation loss, start -> end: " + ", ".join(f"{m} {a} -> {b}" for m, (a, b) in losses.items()))
+    print(f"checkpoints: {save}/checkpoint_best.pt, checkpoint_last.pt")
+    print(f"log: {log}   pictures: {save}/retrieval_examples.png, {out}/metrics.png")
     print(f"demo took {seconds:.0f} s")
     print("=" * 72)
     return 0
@@ -247,24 +374,34 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare")
     a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--modality", choices=("image", "text", "audio"), default="image")
+    a.add_argument("--modality", choices=MODALITIES + ("all",), default="image")
     a.add_argument("--teacher", default=None)
     a.add_argument("--train-per-photo", type=int, default=40)
     a.add_argument("--retrieval-train", type=int, default=30)
     a.add_argument("--retrieval-test", type=int, default=10)
     b = sub.add_parser("report")
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--modality", choices=("image", "text", "audio"), default="image")
+    b.add_argument("--modality", choices=MODALITIES + ("all",), default="image")
     b.add_argument("--seconds", type=float, default=0.0)
     b.add_argument("--random-teacher", type=int, default=1)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        if args.modality == "image":
-            found = prepare(args.out, args.teacher, args.train_per_photo, args.retrieval_train, args.retrieval_test)
-        else:
-            found = prepare_sequences(args.out, args.modality, args.teacher)
+        try:
+            if args.modality == "all":
+                if args.teacher:
+                    raise DemoError("--teacher names one teacher; --modality all distils the demo's three random "
+                                    "teachers (for your own, run kd_multimodal as the README shows)")
+                found = prepare_all(args.out)
+            elif args.modality == "image":
+                found = prepare(args.out, args.teacher, args.train_per_photo, args.retrieval_train,
+                                args.retrieval_test)
+            else:
+                found = prepare_sequences(args.out, args.modality, args.teacher)
+        except DemoError as e:
+            print(f"[demo] {e}", file=sys.stderr)
+            return 2
         for k, v in found.items():
-            print(f"{k}={v}")
+            print(f"{k}={shlex.quote(str(v))}")
         return 0
     return report(args.out, args.seconds, bool(args.random_teacher), args.modality)
 

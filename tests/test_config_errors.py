@@ -79,6 +79,15 @@ def test_batch_size_zero(reused_save, tiny_teacher, photo_folder):
            "batch" in out, out[-3000:]
 
 
+def test_warmup_as_long_as_the_run(reused_save, tiny_teacher, photo_folder):
+    # fairseq's cosine schedule divides by max_update - warmup_updates at the last update: a ZeroDivisionError
+    # after all the training, before the last checkpoint is written
+    out = fails_before_training(reused_save, f"task.data={photo_folder}", f"model.teacher_checkpoint={tiny_teacher}",
+                                *NO_RETRIEVAL, "optimization.max_update=5", "lr_scheduler.warmup_updates=5")
+    assert "ValueError: lr_scheduler.warmup_updates=5 equals optimization.max_update=5" in out, out[-3000:]
+    assert "use fewer warmup updates" in out and "num. shared model params" not in out
+
+
 def test_missing_cifar_file_with_retrieval_on(reused_save, tiny_teacher, photo_folder, tiny_cifar, tmp_path):
     cifar = tmp_path / "cifar"
     shutil.copytree(tiny_cifar, cifar)
