@@ -136,6 +136,7 @@ class D2vKDTask(FairseqTask):
         self.teacher_task_cfg = None  # ... and what the data side needs of the teacher's own task (normalize)
         self.inference_teacher_arch = None  # set only while fairseq rebuilds a trained checkpoint
         self.guard = None  # guards.TrainingGuard, configured by the criterion (build_criterion)
+        self.precision_logged = False  # the dtypes of teacher, encoders and student: logged at the first update
         self.teacher_weights = None  # model.teacher_weights, for the evaluation protocol record
         self.protocol_written = False
 
@@ -211,6 +212,9 @@ class D2vKDTask(FairseqTask):
                                                                   ignore_grad)
         if self.guard is None:
             self.guard = guards.TrainingGuard.from_config(getattr(criterion, "cfg", None))
+        if not self.precision_logged:
+            self.precision_logged = True
+            logger.info(precision_line(model))
         if not guards.uses_loss_scaler(optimizer) and self.guard.check(loss, logging_output, model, update_num):
             optimizer.zero_grad()
             return loss, 0, guards.skipped_logging_output(logging_output)
@@ -352,6 +356,18 @@ def check_teacher(model, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors contain NaN/inf (e.g. {bad[0]}); the teacher "
                               "checkpoint is corrupt, fetch it again")
+
+
+def precision_line(model) -> str:
+    """What each part of the model computes in (fairseq casts the whole model for ``common.bf16``/``fp16``, the
+    frozen teacher blocks included, so that they take half the memory), logged at the first update."""
+    parts = {}
+    for name, p in model.named_parameters():
+        part = ("frozen teacher blocks" if ".teacher_blocks." in name else
+                "frozen encoders" if ".shared_encoder" in name else "student")
+        n, dtypes = parts.get(part, (0, set()))
+        parts[part] = (n + p.numel(), dtypes | {str(p.dtype).replace("torch.", "")})
+    return "precision: " + ", ".join(f"{part} {'/'.join(sorted(d))} ({n / 1e6:.2f}M)" for part, (n, d) in parts.items())
 
 
 def check_schedule(root) -> None:

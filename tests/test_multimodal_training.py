@@ -141,6 +141,22 @@ def test_two_processes_agree_with_one(tmp_path, sequence_setup, photo_folder, ti
     assert la and la == pytest.approx(lb, abs=1e-3)
 
 
+def test_bf16_training_keeps_the_frozen_teachers_in_bf16(tmp_path, sequence_setup, photo_folder, tiny_teacher):
+    """With common.bf16 the three frozen teachers' blocks run in bf16 (half their fp32 memory), as the encoders
+    and the student do; every modality's loss stays finite and falls."""
+    proc = train(tmp_path / "bf16", *modality_args(sequence_setup, photo_folder, tiny_teacher), "common.bf16=true",
+                 "optimization.max_update=8", "common.log_interval=4", "model.student_init=random", *NO_RETRIEVAL)
+    out = proc.stdout + proc.stderr
+    line = next((ln for ln in out.splitlines() if "precision: " in ln), "")
+    assert "frozen teacher blocks bfloat16" in line and "frozen encoders bfloat16" in line \
+        and "student bfloat16" in line, out[-3000:]
+    rows = json_log_lines(out, "train_inner")
+    assert len(rows) == 2
+    for m in ("image", "text", "audio"):
+        first, last = float(rows[0][f"loss_{m}"]), float(rows[-1][f"loss_{m}"])
+        assert torch.isfinite(torch.tensor([first, last])).all() and last < first, (m, first, last)
+
+
 def fails_before_training(save, *overrides) -> str:
     proc = train(save, *overrides, *NO_RETRIEVAL, check=False)
     out = proc.stdout + proc.stderr
