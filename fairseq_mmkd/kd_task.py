@@ -375,9 +375,11 @@ def check_schedule(root) -> None:
     sched, opt = root.get("lr_scheduler") or {}, root.optimization
     if sched.get("_name") != "cosine" or (sched.get("lr_period_updates") or 0) > 0:
         return
-    warmup, updates = sched.get("warmup_updates") or 0, opt.get("max_update") or 0
+    warmup = sched.get("warmup_updates") or 0
+    updates = sched.get("max_update", opt.get("max_update")) or 0  # the schedule's length: optimization's by default
     if updates and warmup == updates:
-        raise ValueError(f"lr_scheduler.warmup_updates={warmup} equals optimization.max_update={updates}: fairseq's "
+        key = "optimization" if updates == opt.get("max_update") else "lr_scheduler"
+        raise ValueError(f"lr_scheduler.warmup_updates={warmup} equals {key}.max_update={updates}: fairseq's "
                          "cosine schedule then decays over zero updates and fails at the last update, before its "
                          "checkpoint is saved; use fewer warmup updates (the seed recipe: 3000 of 30000) or more "
                          "updates")

@@ -739,6 +739,14 @@ def replace_section(text: str, begin: str, end: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
+def update_marked_section(path: Path, name: str, section: str) -> None:
+    """Replace (or append) the part of BENCHMARKS.md between ``<!-- name:begin -->`` and ``<!-- name:end -->``
+    (every benchmark script owns one such section)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(text, begin, end, f"{begin}\n{section.rstrip()}\n{end}\n"))
+
+
 def update_file(path: Path, begin: str, end: str, section: str) -> None:
     text = path.read_text() if path.exists() else HEADER + GPU_PLACEHOLDER
     path.write_text(replace_section(text, begin, end, section))

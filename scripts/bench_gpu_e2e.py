@@ -59,7 +59,6 @@ if str(SCRIPTS) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SECTION_BEGIN, SECTION_END = "<!-- bench_gpu_e2e:begin -->", "<!-- bench_gpu_e2e:end -->"
 SEED_RUN_UPDATES = 30_000
 SEED_VALIDATIONS = 30  # validate_interval_updates 1,000 over 30,000 updates
 GOAL_FRACTION = 0.90
@@ -467,15 +466,9 @@ def write_results(res: dict, args) -> None:
 
 
 def update_benchmarks(path: Path, section: str) -> None:
-    """Replace (or append) the end-to-end section of BENCHMARKS.md, between its markers."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        text = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from bench import update_marked_section
+
+    update_marked_section(path, "bench_gpu_e2e", section)
 
 
 def env_info(device: torch.device) -> dict:

@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-SECTION_BEGIN, SECTION_END = "<!-- bench_trainer:begin -->", "<!-- bench_trainer:end -->"
 NOT_KERNELS = ("aten.detach", "aten.view", "aten.alias", "aten._to_copy", "profiler.")
 
 
@@ -165,14 +164,9 @@ def render(res: dict) -> str:
 
 
 def update_benchmarks(path: Path, section: str) -> None:
-    text = path.read_text()
-    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}"
-    if SECTION_BEGIN in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        text = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from bench import update_marked_section
+
+    update_marked_section(path, "bench_trainer", section)
 
 
 def main(argv=None) -> int:

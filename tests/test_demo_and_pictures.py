@@ -112,10 +112,15 @@ def test_multimodal_demo_prints_one_table_per_modality_with_real_numbers(sequenc
     assert saved and (out / "teacher_random_d2v2_image.pt").exists()  # its own image teacher, of the others' width
 
 
-def test_demo_refuses_a_teacher_it_cannot_feed_in_one_line(sequence_demos):
+def test_demo_refuses_a_teacher_it_cannot_feed_in_one_line(sequence_demos, tmp_path):
+    from conftest import make_sequence_teacher
+
     out, _ = sequence_demos
+    other_dict = make_sequence_teacher(tmp_path / "other_dict.pt", "text", vocab_size=50)
     for args, message in ((["--modality", "text", "--teacher", str(out / "teacher_random_d2v2_audio.pt")],
                            "is a data2vec 2.0 audio model; the text demo needs a text teacher"),
+                          (["--modality", "text", "--teacher", str(other_dict)],
+                           "embeds 50 tokens, but the text demo's dictionary"),
                           (["--modality", "all", "--teacher", str(out / "teacher_random_d2v2_text.pt")],
                            "--teacher names one teacher")):
         proc = subprocess.run(["bash", "scripts/demo.sh", *args, "--out", str(out)], cwd=REPO, capture_output=True,
