@@ -747,6 +747,16 @@ def update_marked_section(path: Path, name: str, section: str) -> None:
     path.write_text(replace_section(text, begin, end, f"{begin}\n{section.rstrip()}\n{end}\n"))
 
 
+def publish(name: str, text: str, res: dict, json_path=None, benchmarks=None) -> None:
+    """A benchmark script's ending: print its Markdown, write its results as JSON, replace its BENCHMARKS.md
+    section ``name`` (the last two when asked)."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2, default=str))
+    if benchmarks:
+        update_marked_section(Path(benchmarks), name, text)
+
+
 def update_file(path: Path, begin: str, end: str, section: str) -> None:
     text = path.read_text() if path.exists() else HEADER + GPU_PLACEHOLDER
     path.write_text(replace_section(text, begin, end, section))

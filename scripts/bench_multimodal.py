@@ -21,7 +21,6 @@ shows the teachers' blocks held in bf16 (CPU bf16 speed says nothing about a GPU
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -139,12 +138,6 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks(path: Path, section: str) -> None:
-    from bench import update_marked_section
-
-    update_marked_section(path, "bench_multimodal", section)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO / "demo_out_all",
@@ -169,12 +162,9 @@ def main(argv=None) -> int:
            "command": "python scripts/bench_multimodal.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
     with tempfile.TemporaryDirectory(prefix="bench_multimodal_") as tmp:
         res["best"] = measure(data, Path(tmp), args.rounds, args.updates, args.warmup, args.threads)
-    text = render(res)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    if args.update_benchmarks:
-        update_benchmarks(Path(args.update_benchmarks), text)
+    from bench import publish
+
+    publish("bench_multimodal", render(res), res, args.json, args.update_benchmarks)
     return 0
 
 

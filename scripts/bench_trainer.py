@@ -18,7 +18,6 @@ plugin's ``torch_adamw`` (fused AdamW, multi-tensor norm), both measured in the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -163,12 +162,6 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks(path: Path, section: str) -> None:
-    from bench import update_marked_section
-
-    update_marked_section(path, "bench_trainer", section)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=7, help="optimizer-phase repetitions per optimizer")
@@ -186,12 +179,9 @@ def main(argv=None) -> int:
            "command": "python scripts/bench_trainer.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
     res["optimizer"] = bench_optimizer(args.reps, args.depth)
     res["fairseq"] = bench_fairseq(args.rounds, args.updates, args.warmup)
-    text = render(res)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    if args.update_benchmarks:
-        update_benchmarks(Path(args.update_benchmarks), text)
+    from bench import publish
+
+    publish("bench_trainer", render(res), res, args.json, args.update_benchmarks)
     return 0
 
 
