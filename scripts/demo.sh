@@ -19,6 +19,9 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [[ -n $UPDATES && ! $UPDATES =~ ^[1-9][0-9]*$ ]]; then
+  echo "--updates must be a positive number of updates, got '$UPDATES'" >&2; exit 2
+fi
 case "$MODALITY" in
   image) CONFIG=kd_image; PRESET=demo; DATA_NOTE="scikit-image sample photographs"; RETRIEVAL_ARG=task.cifar100_root ;;
   text) CONFIG=kd_text; PRESET=demo_text; DATA_NOTE="Python standard-library docstrings, fairseq-preprocess"; RETRIEVAL_ARG=task.retrieval_folder ;;

@@ -121,6 +121,8 @@ def test_demo_refuses_a_teacher_it_cannot_feed_in_one_line(sequence_demos, tmp_p
                            "is a data2vec 2.0 audio model; the text demo needs a text teacher"),
                           (["--modality", "text", "--teacher", str(other_dict)],
                            "embeds 50 tokens, but the text demo's dictionary"),
+                          (["--modality", "audio", "--updates", "ten"],
+                           "--updates must be a positive number of updates, got 'ten'"),
                           (["--modality", "all", "--teacher", str(out / "teacher_random_d2v2_text.pt")],
                            "--teacher names one teacher")):
         proc = subprocess.run(["bash", "scripts/demo.sh", *args, "--out", str(out)], cwd=REPO, capture_output=True,
