@@ -30,11 +30,17 @@ PHOTOS = ["astronaut", "brick", "camera", "chelsea", "cell", "clock", "coffee", 
           "rocket", "stereo_motorcycle", "text"]
 DEMO_TEACHER = dict(embed_dim=192, num_heads=3, depth=4, prenet_depth=1, input_size=64, patch_size=8)
 DEMO_SEQUENCE_TEACHER = dict(embed_dim=128, num_heads=4, depth=4, text_positions=64,
-                             audio_conv="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2")
+                             audio_conv="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2",
+                             conv_pos=dict(conv_pos_width=30, conv_pos_depth=3, conv_pos_groups=8))
 # --modality all: one student stack serves the three teachers, so the image teacher takes the sequence teachers'
 # width and heads (all three post-LN, as data2vec2's)
 DEMO_ALL_IMAGE_TEACHER = dict(DEMO_TEACHER, embed_dim=DEMO_SEQUENCE_TEACHER["embed_dim"],
                               num_heads=DEMO_SEQUENCE_TEACHER["num_heads"])
+# the released text and audio base models' sizes (scripts/bench_multimodal.py --size base): 12 blocks, 768 wide,
+# data2vec2's audio conv extractor and positional convolution; the text vocabulary stays the demo dictionary's
+BASE_SEQUENCE_TEACHER = dict(embed_dim=768, num_heads=12, depth=12, text_positions=512,
+                             audio_conv="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2",
+                             conv_pos=dict(conv_pos_width=95, conv_pos_depth=5, conv_pos_groups=16))
 MODALITIES = ("image", "text", "audio")
 UNITS = {"image": "images/s", "text": "tokens/s", "audio": "samples/s"}
 
@@ -128,7 +134,8 @@ def write_random_teacher(path, seed: int = 0, arch: dict = DEMO_TEACHER) -> None
     save_d2v_checkpoint(model, path)
 
 
-def prepare_sequences(out: Path, modality: str, teacher: str | None, seed: int = 0) -> dict:
+def prepare_sequences(out: Path, modality: str, teacher: str | None, seed: int = 0,
+                      arch: dict = DEMO_SEQUENCE_TEACHER, teacher_name: str = None) -> dict:
     """Text or audio demo data (``demo_text.py`` / ``demo_audio.py``) and, without ``teacher``, a random one."""
     if modality == "text":
         from demo_text import prepare_text
@@ -141,9 +148,9 @@ def prepare_sequences(out: Path, modality: str, teacher: str | None, seed: int =
     vocab = found.pop("VOCAB", None)
     made = teacher is None
     if made:
-        teacher = str(out / f"teacher_random_d2v2_{modality}.pt")
+        teacher = str(out / (teacher_name or f"teacher_random_d2v2_{modality}.pt"))
         if not Path(teacher).exists():
-            write_random_sequence_teacher(teacher, modality, vocab, seed)
+            write_random_sequence_teacher(teacher, modality, vocab, seed, arch)
     elif modality == "text":
         check_text_teacher(teacher, vocab, found["DATA"])
     return {**found, "TEACHER": teacher, "RANDOM_TEACHER": int(made)}
@@ -180,8 +187,10 @@ def prepare_all(out: Path, seed: int = 0) -> dict:
     return {**found, "TEACHER": ", ".join(found[f"{m.upper()}_TEACHER"] for m in MODALITIES), "RANDOM_TEACHER": 1}
 
 
-def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, seed: int = 0) -> None:
-    """A small text or audio data2vec2 model with data2vec2's own initialisation, saved in fairseq layout."""
+def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, seed: int = 0,
+                                  arch: dict = DEMO_SEQUENCE_TEACHER) -> None:
+    """A text or audio data2vec2 model of ``arch`` (the demo's small one by default) with data2vec2's own
+    initialisation, saved in fairseq layout."""
     import torch
 
     from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
@@ -190,12 +199,12 @@ def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, s
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.encoders.text import TextEncoderConfig
 
-    t = DEMO_SEQUENCE_TEACHER
+    t = arch
     if modality == "text":
         encoder = TextEncoderConfig(vocab_size=vocab_size, max_source_positions=t["text_positions"], prenet_depth=0)
     else:
-        encoder = AudioEncoderConfig(conv_spec=t["audio_conv"], conv_pos_width=30, conv_pos_depth=3, conv_pos_groups=8,
-                                     prenet_depth=0, alibi_heads=t["num_heads"], model_depth=t["depth"])
+        encoder = AudioEncoderConfig(conv_spec=t["audio_conv"], **t["conv_pos"], prenet_depth=0,
+                                     alibi_heads=t["num_heads"], model_depth=t["depth"])
     cfg = D2vConfig(modality=modality, embed_dim=t["embed_dim"], depth=t["depth"], num_heads=t["num_heads"],
                     norm_eps=1e-5, encoder=encoder,
                     targets=TargetConfig(average_top_k_layers=t["depth"], instance_norm_target_layer=True,

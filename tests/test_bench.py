@@ -117,3 +117,41 @@ def test_gpu_results_paste_into_their_own_section(tmp_path):
     text = output.read_text()
     assert text.count("| eager | 4000 |") == 1 and "Not run yet" not in text
     assert "<!-- bench.py:begin -->" not in text  # the CPU section is written by a benchmark run only
+
+
+def multimodal_result(device: str, size: str) -> dict:
+    """A bench_multimodal.py result as its --json writes it (the numbers chosen so the ratios are exact)."""
+    run = lambda ups, free=None: {"updates_per_s": ups, "wall_s": 10.0, "peak_rss_mb": 1000.0,  # noqa: E731
+                                  "min_gb_free": free, "precision": "student float32 (1.00M)"}
+    gpu = device == "cuda"
+    best = {"image": run(10.0, 100.0 if gpu else None), "text": run(20.0, 120.0 if gpu else None),
+            "audio": run(20.0, 110.0 if gpu else None), "multimodal": run(5.0, 90.0 if gpu else None),
+            "multimodal_other": {**run(4.0, 80.0 if gpu else None), "setting": "common.bf16=false"}}
+    best["multimodal"]["wall_s"] = 15.0
+    return {"date": "d", "machine": "m", "torch": "t", "size": size, "device": device, "rounds": 1, "updates": 40,
+            "warmup": 10, "threads": 2, "gpu_total_gb": 140.0 if gpu else None, "command": "c", "best": best}
+
+
+def test_multimodal_benchmark_renders_ratios_and_keeps_one_section_per_device(tmp_path):
+    """The ratios are those of the measured numbers (200 ms sequential vs 200 ms multimodal per update, 30 s vs 15 s
+    of wall time), a GPU result adds peak GPU memory and lands in its own section beside the CPU one."""
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n")
+    for device, size in (("cpu", "demo"), ("cuda", "base"), ("cpu", "demo")):
+        path = tmp_path / f"{device}.json"
+        path.write_text(json.dumps(multimodal_result(device, size)))
+        proc = subprocess.run([sys.executable, "scripts/bench_multimodal.py", "--from-json", str(path),
+                               "--update-benchmarks", str(benchmarks)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    text = benchmarks.read_text()
+    assert text.count("<!-- bench_multimodal:begin -->") == 1
+    assert text.count("<!-- bench_multimodal_base_cuda:begin -->") == 1
+    cpu = text.split("<!-- bench_multimodal:begin -->")[1].split("<!-- bench_multimodal:end -->")[0]
+    gpu = text.split("<!-- bench_multimodal_base_cuda:begin -->")[1].split("<!-- bench_multimodal_base_cuda:end -->")[0]
+    assert "| the three one after the other | - | 200 ms | 30 s |" in cpu
+    assert "| `kd_multimodal`, one student | 5.00 | 200 ms (x1.00 vs sequential) | 15 s (x2.00) | 1000 MB |" in cpu
+    assert "peak GPU memory" not in cpu and "CPU, reduced size" in cpu
+    assert "GPU, base size" in gpu and "| `kd_multimodal`, one student | 5.00 | 200 ms (x1.00 vs sequential) | 15 s " \
+        "(x2.00) | 1000 MB | 50.0 GB |" in gpu
+    assert "| the three one after the other | - | 200 ms | 30 s | 1000 MB (largest) | 40.0 GB |" in gpu
