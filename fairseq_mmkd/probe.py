@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .retrieval.cli import (DTYPES, UsageError, cli_main, record_set_sizes, add_data_arguments, add_model_arguments, add_run_arguments,
-                            fit_sets, load_encoder, load_sets, positive_int, resolve_device, resolve_pooling,
-                            write_json)
+from .retrieval.cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments, cli_main,
+                            fit_sets, load_encoder, load_sets, positive_int, record_set_sizes, resolve_device,
+                            resolve_pooling)
 from .retrieval.evaluate import dtype_name, embed_split, standardize_embeddings
 from .retrieval.linear import L2_GRID, linear_probe
 
@@ -127,8 +127,6 @@ def run(args) -> Dict[str, object]:
     for name in sets:
         result[f"{name}_probe"] = details[name]
     result["protocol"] = probe_protocol(args, encoder, pooling, dtype_name(DTYPES[dtype]), device, sets)
-    if args.json:
-        print(f"wrote {write_json(args.json, result)}")
     return result
 
 

@@ -23,26 +23,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .cli import (DTYPES, UsageError, cli_main, record_set_sizes, add_data_arguments, add_model_arguments, add_run_arguments, fit_sets,
-                  load_encoder, load_sets, resolve_device, resolve_pooling, write_json)
+from .cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, add_run_arguments, cli_main, fit_sets,
+                  load_encoder, load_sets, non_negative_int, positive_float, record_set_sizes, resolve_device,
+                  resolve_pooling)
 from .evaluate import evaluate_retrieval, evaluation_protocol, metric_names
 from .search import BACKENDS
 
 __all__ = ["UsageError", "build_parser", "main", "run"]
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "teacher (--teacher) or a student checkpoint of this plugin.")
     add_model_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--knn-k", type=_non_negative_int, default=20,
+    p.add_argument("--knn-k", type=non_negative_int, default=20,
                    help="neighbours voting in the k-NN metrics (DINO's kNN-20); 0: no k-NN metrics")
-    p.add_argument("--knn-temperature", type=_positive_float, default=0.07,
+    p.add_argument("--knn-temperature", type=positive_float, default=0.07,
                    help="T of the weighted vote, exp(cosine / T) (DINO: 0.07)")
     p.add_argument("--standardize", action="store_true",
                    help="standardise embeddings with the memory bank's per-dimension mean/std before L2 "
@@ -101,8 +88,6 @@ def run(args) -> Dict[str, object]:
     record_set_sizes(result, sets, encoder.modality)
     result["protocol"] = evaluation_protocol(sets, **settings, layer=args.layer, weights=encoder.weights,
                                              checkpoint=result["checkpoint"], **encoder.describe(args.layer))
-    if args.json:
-        print(f"wrote {write_json(args.json, result)}")
     return result
 
 

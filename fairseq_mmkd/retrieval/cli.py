@@ -39,6 +39,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def negative_int(text: str) -> int:
     value = int(text)
     if value > -1:
@@ -288,13 +302,16 @@ def record_set_sizes(result: dict, sets: Dict[str, RetrievalSet], modality: str)
 
 
 def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable, argv=None) -> int:
-    """Run a CLI: every problem the user can fix is one ``error:`` line and exit status 2, not a traceback."""
+    """Run a CLI (``run`` returns its result, which ``--json`` writes): every problem the user can fix is one
+    ``error:`` line and exit status 2, not a traceback."""
     from ..checkpoint import CheckpointError
     from .sets import RetrievalDataError
 
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        result = run(args)
+        if args.json:
+            print(f"wrote {write_json(args.json, result)}")
     # Each of these carries a complete message; OSError covers e.g. an unwritable --json path.
     except (UsageError, CheckpointError, RetrievalDataError, OSError) as e:
         import sys
