@@ -37,6 +37,14 @@ def spread_indices(count: int, depth: int) -> list[int]:
     return torch.linspace(0, depth - 1, count).round().long().tolist()
 
 
+def bias_layers(student_init: str, student_depth: int, teacher_depth: int) -> list[int]:
+    """The teacher layer whose ALiBi bias scale each student block uses when the encoder scales its bias per
+    layer (``learned_alibi_scale_per_layer``): the block it was copied from, else spread over the teacher."""
+    if student_init != "random" and student_depth <= teacher_depth:
+        return teacher_block_indices(student_init, student_depth, teacher_depth)
+    return spread_indices(student_depth, teacher_depth)
+
+
 def build_student(cfg: D2vConfig, depth: int, prediction: str, drop_path: float = 0.0, heads: int = 1):
     """The trainable part of a distiller, randomly initialised: ``(blocks, final norm or None, [head, ...])``.
 
@@ -99,11 +107,7 @@ class Distiller(nn.Module):
                 self.student_blocks[s].load_state_dict(teacher.blocks[t].state_dict())
         elif student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}")
-        # The teacher block whose attention bias scale each student block uses when the encoder scales its
-        # ALiBi bias per layer (learned_alibi_scale_per_layer): the block it was copied from, else spread.
-        self.student_bias_layers = (teacher_block_indices(student_init, student_depth, cfg.depth)
-                                    if student_init != "random" and student_depth <= cfg.depth else
-                                    spread_indices(student_depth, cfg.depth))
+        self.student_bias_layers = bias_layers(student_init, student_depth, cfg.depth)
         self.frozen_modules().eval()
 
     @classmethod
@@ -182,8 +186,7 @@ class Distiller(nn.Module):
                          layer: int = -1) -> torch.Tensor:
         """Student features ``[B, T, D]`` (extra tokens first) after block ``layer`` (-1: the last, -k: the
         k-th from last), through the final norm of a pre-LN student: what retrieval embeds."""
-        return block_features(self.student_blocks, self.encode(source, padding_mask), self.cfg.num_heads, layer,
-                              self.student_norm, self.student_bias_layers)
+        return self.features(source, padding_mask, layer)[0]
 
     def features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, layer: int = -1,
                  teacher: bool = False) -> tuple:
@@ -204,10 +207,7 @@ class Distiller(nn.Module):
     def teacher_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                          layer: int = -1) -> torch.Tensor:
         """Teacher features ``[B, T, D]`` after block ``layer`` (for the teacher's retrieval baseline)."""
-        if self.teacher_blocks is None:
-            raise RuntimeError("this model was loaded for inference without the teacher blocks")
-        with torch.no_grad():
-            return block_features(self.teacher_blocks, self.encode(source, padding_mask), self.cfg.num_heads, layer)
+        return self.features(source, padding_mask, layer, teacher=True)[0]
 
 
 def block_index(layer: int, depth: int) -> int:

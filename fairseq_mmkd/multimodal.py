@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .d2v_model import D2vModel
-from .distill import PREDICTIONS, Distiller, build_student, spread_indices, teacher_block_indices
+from .distill import PREDICTIONS, Distiller, bias_layers, build_student, teacher_block_indices
 
 MODALITY_ORDER = ("image", "text", "audio")
 
@@ -71,7 +71,9 @@ class MultimodalDistiller(nn.Module):
         check_compatible(teachers)
         self.modalities = list(teachers)
         self.prediction = prediction
-        source = student_init.rsplit("_", 1)[0] if student_init != "random" else self.modalities[0]
+        # student_init <modality>_<how> copies that teacher's blocks as Distiller's teacher_<how> would
+        source, how = student_init.rsplit("_", 1) if student_init != "random" else (self.modalities[0], None)
+        single_init = f"teacher_{how}" if how else "random"
         self.student_source = source
         self.cfgs = {m: t.cfg for m, t in teachers.items()}
         self.shared_encoders = nn.ModuleDict({m: t.encoder.requires_grad_(False) for m, t in teachers.items()})
@@ -81,15 +83,11 @@ class MultimodalDistiller(nn.Module):
         self.student_blocks, self.student_norm, heads = build_student(ref, student_depth, prediction, drop_path,
                                                                       heads=len(self.modalities))
         self.heads = nn.ModuleDict(dict(zip(self.modalities, heads))) if heads else None
-        if keep_teacher_blocks and student_init != "random":
-            how = student_init.rsplit("_", 1)[1]
-            for s, t in enumerate(teacher_block_indices(f"teacher_{how}", student_depth, ref.depth)):
+        if keep_teacher_blocks and how:
+            for s, t in enumerate(teacher_block_indices(single_init, student_depth, ref.depth)):
                 self.student_blocks[s].load_state_dict(teachers[source].blocks[t].state_dict())
         # per modality, the teacher layer whose ALiBi scale a student block uses (per-layer scales only)
-        self.bias_layers = {m: (teacher_block_indices(f"teacher_{student_init.rsplit('_', 1)[1]}", student_depth,
-                                                      cfg.depth)
-                                if m == source and student_init != "random" and student_depth <= cfg.depth
-                                else spread_indices(student_depth, cfg.depth))
+        self.bias_layers = {m: bias_layers(single_init if m == source else "random", student_depth, cfg.depth)
                             for m, cfg in self.cfgs.items()}
         self._views = {}
         self.frozen_modules().eval()
