@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -35,11 +34,9 @@ from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
 from .kd_model import arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
 from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_schedule,
-                      check_teacher, completed_updates, feature_function, fit_retrieval_sets, load_retrieval_sets,
-                      retrieval_progress)
+                      check_teacher, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
 from .retrieval import evaluate_retrieval
-from .retrieval.cli import write_json
-from .multimodal import MODALITY_ORDER, MultimodalDistiller, student_inits
+from .multimodal import MODALITY_ORDER, MultimodalDistiller, check_compatible, student_inits
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +163,6 @@ class D2vKDMultimodalModel(BaseFairseqModel):
                              "whose teacher is set)")
         teachers = {m: load_d2v(p, weights=str(cfg.teacher_weights), trust_checkpoint=cfg.trust_teacher_checkpoint,
                                 modality=m) for m, p in paths.items()}
-        from .multimodal import check_compatible
-
         check_compatible(teachers, paths)
         model = cls(cfg, teachers)
         model.teacher_task_cfgs = {m: teacher_data_settings(getattr(t, "fairseq_task_cfg", {}))
@@ -343,9 +338,7 @@ class D2vKDMultimodalTask(D2vKDTask):
             raise ValueError(f"dataset.batch_size={max_sentences}, dataset.max_tokens={max_tokens}: a multimodal step "
                              "is one item (its batches are sized per modality by task.<modality>_batch_size / "
                              "_max_tokens); set dataset.batch_size=1 and dataset.max_tokens=null")
-        return FairseqTask.get_batch_iterator(self, dataset, max_tokens, max_sentences, *args,
-                                              **{**kwargs, **({"num_workers": _fit(kwargs)} if "num_workers" in kwargs
-                                                              else {})})
+        return super().get_batch_iterator(dataset, max_tokens, max_sentences, *args, **kwargs)  # caps the workers
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if sample and "modalities" in sample and "image" in sample["modalities"] and self.streams:
@@ -376,19 +369,9 @@ class D2vKDMultimodalTask(D2vKDTask):
                     teacher.update(evaluate_retrieval(feature_function(view, layer, True), sets, **kwargs))
         if with_teacher and self.teacher_metrics is None:
             self.teacher_metrics = teacher
-        if not self.protocol_written:
-            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-            if rank0 and self.cfg.save_dir:
-                write_json(Path(self.cfg.save_dir) / "eval_protocol.json", {
-                    "written_at_update": completed_updates(),
-                    "metrics": "valid_<name> in fairseq's log; the teacher's with a teacher_ prefix",
-                    "modalities": {m: self.protocol_record(model.modality_model(m), sets, with_teacher)
-                                   for m, sets in self.modality_sets.items()},
-                })
-            self.protocol_written = True
-        logging_output.update({k: float(v) for k, v in student.items()})
-        logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
-        logging_output["retrieval_rounds"] = 1
+        self.write_protocol(lambda: {"modalities": {m: self.protocol_record(model.modality_model(m), sets, with_teacher)
+                                                    for m, sets in self.modality_sets.items()}})
+        self.log_retrieval(logging_output, student)
         return loss, sample_size, logging_output
 
     def forward_backward(self, sample, model, criterion, optimizer, update_num, ignore_grad):
@@ -409,12 +392,6 @@ class D2vKDMultimodalTask(D2vKDTask):
     def modality_weights(self) -> Dict[str, float]:
         weights = dict(self.cfg.modality_weights or {})
         return {m: float(weights.get(m, 1.0)) for m in MODALITY_ORDER}
-
-
-def _fit(kwargs) -> int:
-    from .kd_task import fit_workers
-
-    return fit_workers(kwargs["num_workers"])
 
 
 @register_criterion("d2v_kd_multimodal", dataclass=D2vKDCriterionConfig)

@@ -287,16 +287,26 @@ class D2vKDTask(FairseqTask):
             if with_teacher else None,
         }
 
-    def write_protocol(self, model, with_teacher: bool) -> None:
-        """``SAVE_DIR/eval_protocol.json``: how this run's validation metrics are computed (rank 0 only)."""
+    def write_protocol(self, records) -> None:
+        """``SAVE_DIR/eval_protocol.json``: how this run's validation metrics are computed (``records()``, from
+        ``protocol_record``), once per run, on rank 0 only."""
+        if self.protocol_written:
+            return
+        self.protocol_written = True
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if not rank0 or not self.cfg.save_dir:
             return
         write_json(Path(self.cfg.save_dir) / "eval_protocol.json", {
             "written_at_update": completed_updates(),
             "metrics": "valid_<name> in fairseq's log; the teacher's with a teacher_ prefix",
-            **self.protocol_record(model, self.retrieval_sets, with_teacher),
+            **records(),
         })
+
+    def log_retrieval(self, logging_output: dict, student: dict) -> None:
+        """The student's retrieval metrics of this round and the teacher's (computed once) into the valid log."""
+        logging_output.update({k: float(v) for k, v in student.items()})
+        logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
+        logging_output["retrieval_rounds"] = 1
 
     def _example_writer(self, step):
         """Draws the first retrieval set's fixed queries and neighbours (rank 0 only) from embeddings the
@@ -324,12 +334,8 @@ class D2vKDTask(FairseqTask):
                 with_teacher = self.cfg.retrieval_teacher and model.distiller.teacher_blocks is not None
                 if with_teacher and self.teacher_metrics is None:
                     self.teacher_metrics = self._evaluate(model, teacher=True)
-            if not self.protocol_written:
-                self.write_protocol(model, with_teacher)
-                self.protocol_written = True
-            logging_output.update({k: float(v) for k, v in student.items()})
-            logging_output.update({f"teacher_{k}": float(v) for k, v in (self.teacher_metrics or {}).items()})
-            logging_output["retrieval_rounds"] = 1
+            self.write_protocol(lambda: self.protocol_record(model, self.retrieval_sets, with_teacher))
+            self.log_retrieval(logging_output, student)
         return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
