@@ -259,13 +259,18 @@ def training_losses(log: Path, key: str = "loss") -> tuple:
     return (rows[0].get(f"train_{key}", "n/a"), rows[-1].get(f"train_{key}", "n/a")) if rows else ("n/a", "n/a")
 
 
-def retrieval_rows(first: dict, last: dict, name: str, prefix: str = "") -> None:
+def table_header(width: int) -> None:
+    print(f"{'metric':<{width}}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
+
+
+def retrieval_rows(first: dict, last: dict, name: str, prefix: str = "", width: int = 16) -> None:
     """The four retrieval rows of set ``name``: teacher, student at the first validation, student at the end."""
     for label, key in (("top-1", "top1"), ("top-3", "top3"), ("inverse top-1", "inv_top1"),
                        ("inverse top-3", "inv_top3")):
         key = f"{name}_{key}"
         t = last.get(f"valid_teacher_{key}", "n/a")
-        print(f"{prefix + label:<22}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}{last.get(f'valid_{key}', 'n/a'):>16}")
+        print(f"{prefix + label:<{width}}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}"
+              f"{last.get(f'valid_{key}', 'n/a'):>16}")
 
 
 def read_run(out: Path):
@@ -307,12 +312,8 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
           f"{int(last['valid_num_updates']) if 'valid_num_updates' in last else '?'} updates")
     print(f"zero-shot retrieval of {what} ({n_classes} classes, chance {100 / n_classes:.0f}% top-1), {layout}")
     print("-" * 72)
-    print(f"{'metric':<16}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
-    for label, key in (("top-1", "top1"), ("top-3", "top3"), ("inverse top-1", "inv_top1"),
-                       ("inverse top-3", "inv_top3")):
-        key = f"{name}_{key}"
-        t = last.get(f"valid_teacher_{key}", "n/a")
-        print(f"{label:<16}{t:>10}{first.get(f'valid_{key}', 'n/a'):>24}{last.get(f'valid_{key}', 'n/a'):>16}")
+    table_header(16)
+    retrieval_rows(first, last, name)
     print("-" * 72)
     print(f"parameters: trainable student {student / 1e6:.2f}M | frozen shared encoder {encoder / 1e6:.2f}M | "
           f"teacher blocks (not saved) {teacher_blocks / 1e6:.2f}M")
@@ -359,9 +360,9 @@ def report_all(out: Path, seconds: float) -> int:
         print(f"{m}: zero-shot retrieval of {what} ({n_classes} classes, chance {100 / n_classes:.0f}% top-1), "
               f"{layout}")
     print("-" * 72)
-    print(f"{'metric':<22}{'teacher':>10}{'student @ first valid':>24}{'student @ end':>16}")
+    table_header(22)
     for m in modalities:
-        retrieval_rows(first, last, sets[m], prefix=f"{m} ")
+        retrieval_rows(first, last, sets[m], prefix=f"{m} ", width=22)
     print("-" * 72)
     print(f"parameters: trainable student {student / 1e6:.2f}M, one for all | frozen shared encoders "
           + ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in encoders.items()) + " | teacher blocks (not saved) "
