@@ -261,6 +261,13 @@ def hydra_train(save_dir, *overrides, config="kd_image", preset="tiny", env=None
     return proc
 
 
+def assert_same_model(a: dict, b: dict, atol: float, rtol: float) -> None:
+    """Every weight of checkpoint ``a`` (a loaded checkpoint dict) equals ``b``'s within the tolerances, named on
+    failure."""
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
 def json_log_lines(text: str, kind: str = "train_inner") -> list:
     """fairseq's json log lines of one kind (train_inner, train, valid) from a run's output."""
     out = []

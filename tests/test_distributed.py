@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from conftest import BIN, args_for, hydra_train, json_log_lines
+from conftest import BIN, args_for, assert_same_model, hydra_train, json_log_lines
 
 DISTRIBUTED = [
     "distributed_training.distributed_world_size=2",
@@ -52,8 +52,7 @@ def test_two_processes_agree_with_one(runs):
     a = torch.load(tmp_path / "one" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 12
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=2e-5, rtol=1e-4)
 
     va, vb = json_log_lines(one.stdout + one.stderr, "valid")[-1], json_log_lines(out_two, "valid")[-1]
     for name in [k for k in va if "cifar" in k]:
@@ -90,8 +89,7 @@ def test_text_and_audio_two_processes_agree_with_one(tmp_path, sequence_setup, m
     a = torch.load(tmp_path / "one" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 8
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=2e-5, rtol=1e-4)
     la = [float(r["loss"]) for r in json_log_lines(one.stdout + one.stderr, "train_inner")]
     lb = [float(r["loss"]) for r in json_log_lines(two.stdout + two.stderr, "train_inner")]
     assert la and la == pytest.approx(lb, abs=1e-3)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, hydra_train, json_log_lines
+from conftest import REPO, assert_same_model, hydra_train, json_log_lines
 
 # Evaluation choices of the retrieval run: every one off its default, so the run shows they reach the task
 # (the defaults run in the demo and the distributed test). Hydra takes "cls+mean" as a plain value.
@@ -164,8 +164,7 @@ def test_resume_continues_from_the_last_update_with_the_same_state(tmp_path, tin
     b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert b["optimizer_history"][-1]["num_updates"] == 30
     assert b["optimizer_history"][-1]["lr_scheduler_state"] == a["optimizer_history"][-1]["lr_scheduler_state"]
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=1e-5, rtol=1e-4)
     exp_avg = lambda s: [v["exp_avg"] for v in s["last_optimizer_state"]["state"].values()]  # noqa: E731
     for x, y in zip(exp_avg(a), exp_avg(b)):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hydra_train, json_log_lines, make_sequence_teacher
+from conftest import assert_same_model, hydra_train, json_log_lines, make_sequence_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -117,8 +117,7 @@ def test_resume_is_exact(tmp_path, sequence_setup, photo_folder, tiny_teacher):
     a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert b["optimizer_history"][-1]["num_updates"] == 14
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=1e-6, rtol=1e-5)
     moments = lambda s: [v["exp_avg_sq"] for v in s["last_optimizer_state"]["state"].values()]  # noqa: E731
     for x, y in zip(moments(a), moments(b)):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-5)
@@ -134,8 +133,7 @@ def test_two_processes_agree_with_one(tmp_path, sequence_setup, photo_folder, ti
     a = torch.load(tmp_path / "one" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 6
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=2e-5, rtol=1e-4)
     la = [float(r["loss"]) for r in json_log_lines(one.stdout + one.stderr, "train_inner")]
     lb = [float(r["loss"]) for r in json_log_lines(two.stdout + two.stderr, "train_inner")]
     assert la and la == pytest.approx(lb, abs=1e-3)

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import (SIZES, args_for, dictionary_size, hydra_train, json_log_lines, make_sequence_teacher,
-                      write_text_corpus)
+from conftest import (SIZES, args_for, assert_same_model, dictionary_size, hydra_train, json_log_lines,
+                      make_sequence_teacher, write_text_corpus)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -138,8 +138,7 @@ def test_resume_is_exact(tmp_path, sequence_setup, modality):
     b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert b["optimizer_history"][-1]["num_updates"] == 14
     assert b["optimizer_history"][-1]["lr_scheduler_state"] == a["optimizer_history"][-1]["lr_scheduler_state"]
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_same_model(a, b, atol=1e-6, rtol=1e-5)
     moments = lambda s: [v["exp_avg_sq"] for v in s["last_optimizer_state"]["state"].values()]  # noqa: E731
     for x, y in zip(moments(a), moments(b)):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-5)
