@@ -88,6 +88,12 @@ def read_manifest(path: str) -> tuple[str, list[tuple[str, int]]]:
     return root, entries
 
 
+def wrong_rate(path: str, rate: int) -> str:
+    """The message for a file of another sample rate than the models take (training and retrieval data)."""
+    return (f"{path}: sample rate {rate} Hz, but data2vec 2.0 audio models take {SAMPLE_RATE} Hz; resample the "
+            f"data (e.g. sox in.flac -r {SAMPLE_RATE} out.flac)")
+
+
 def read_audio(path: str) -> torch.Tensor:
     """A mono float32 clip of a 16 kHz file (stereo averaged).
 
@@ -105,8 +111,7 @@ def read_audio(path: str) -> torch.Tensor:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else ""
         raise UnreadableAudioError(path, f"{type(e).__name__}: {reason}") from None
     if rate != SAMPLE_RATE:
-        raise AudioDataError(f"{path}: sample rate {rate} Hz, but data2vec 2.0 audio models take {SAMPLE_RATE} Hz; "
-                             f"resample the data (e.g. sox in.flac -r {SAMPLE_RATE} out.flac)")
+        raise AudioDataError(wrong_rate(path, rate))
     if wav.shape[0] == 0:
         raise UnreadableAudioError(path, "no samples")
     return torch.from_numpy(wav.mean(1) if wav.shape[1] > 1 else wav[:, 0].copy())

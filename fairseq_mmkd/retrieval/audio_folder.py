@@ -57,7 +57,7 @@ def _labels(path: Path, count: int, manifest: str) -> list:
 def _info(path: str):
     import soundfile
 
-    from ..data.audio import SAMPLE_RATE
+    from ..data.audio import SAMPLE_RATE, wrong_rate
 
     if not os.path.isfile(path):
         raise RetrievalDataError(f"{path}: file not found (listed in the manifest); fix the manifest or its root "
@@ -68,8 +68,7 @@ def _info(path: str):
         raise RetrievalDataError(f"{path}: cannot be read as audio ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); re-encode or remove it") from None
     if info.samplerate != SAMPLE_RATE:
-        raise RetrievalDataError(f"{path}: sample rate {info.samplerate} Hz, but data2vec 2.0 audio models take "
-                                 f"{SAMPLE_RATE} Hz; resample the data (e.g. sox in.flac -r {SAMPLE_RATE} out.flac)")
+        raise RetrievalDataError(wrong_rate(path, info.samplerate))
     if info.frames == 0:
         raise RetrievalDataError(f"{path}: holds no samples; remove it from the manifest")
     return info
