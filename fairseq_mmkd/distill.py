@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .d2v_model import D2vConfig, D2vModel
 from .encoders import EncoderOutput
+from .targets import TargetConfig
 
 STUDENT_INITS = ("teacher_first", "teacher_spread", "random")
 PREDICTIONS = ("layer_average", "head")
@@ -74,6 +75,48 @@ def init_random_(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def removes_channel_constants(cfg: TargetConfig) -> bool:
+    """Whether the target recipe cancels a per-channel constant added to a layer's output: the per-layer batch or
+    instance norm subtract each channel's mean over the tokens; without them, a per-layer or averaged LayerNorm
+    (over channels, per token) would spread the constant, and an instance norm of the average would cancel it."""
+    if cfg.batch_norm_target_layer or cfg.instance_norm_target_layer:
+        return True
+    if cfg.layer_norm_target_layer or cfg.layer_norm_targets:
+        return False
+    return bool(cfg.instance_norm_targets)
+
+
+def gradient_free_parameters(distiller: "Distiller", target_cfg: TargetConfig) -> list[str]:
+    """Names (as ``distiller.named_parameters()`` gives them) of the student parameters that the distillation loss
+    gives no gradient by construction, whatever the batch.
+
+    With ``prediction="layer_average"`` the loss reads the student's per-layer targets (FFN outputs, or block
+    outputs with ``end_of_block_targets``), never the last block's residual output nor the final norm:
+      - the final LayerNorm of a pre-LN student, and, with FFN targets, the last post-LN block's ``norm2``, take no
+        part in the loss (autograd leaves their gradient ``None``);
+      - when the recipe cancels per-channel constants (``removes_channel_constants``), the bias that adds one to
+        the last block's target (``mlp.fc2.bias``; ``norm2.bias`` for post-LN end-of-block targets) gets an exact
+        gradient of 0 (in floats: rounding residue, which Adam's normalisation would turn into full-size steps).
+    A bias of an earlier block also reaches the later blocks through the residual stream, so it learns. With
+    ``prediction="head"`` every student parameter learns. ``tests/test_gradient_free.py`` measures the gradients
+    of a sweep of recipes and block types against this rule.
+    """
+    if distiller.prediction != "layer_average":
+        return []
+    last = len(distiller.student_blocks) - 1
+    block = distiller.student_blocks[last]
+    unused = [("student_norm", distiller.student_norm)] if distiller.student_norm is not None else []
+    if block.ffn_targets and not block.layer_norm_first:
+        unused.append((f"student_blocks.{last}.norm2", block.norm2))
+    names = [f"{prefix}.{n}" for prefix, module in unused for n, _ in module.named_parameters()]
+    if removes_channel_constants(target_cfg):
+        post_ln_block_output = not block.ffn_targets and not block.layer_norm_first
+        bias = f"student_blocks.{last}.{'norm2' if post_ln_block_output else 'mlp.fc2'}.bias"
+        if bias not in names and bias in dict(distiller.named_parameters()):
+            names.append(bias)
+    return names
 
 
 class Distiller(nn.Module):

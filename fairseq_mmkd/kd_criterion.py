@@ -58,6 +58,10 @@ class D2vKDCriterion(FairseqCriterion):
         super().__init__(task)
         self.cfg = cfg
 
+    def target_configs(self, model) -> TargetConfig:
+        """The target recipe this criterion trains ``model`` with (what ``model.freeze_gradient_free`` takes)."""
+        return resolve_target_config(self.cfg, model.target_config)
+
     def forward(self, model, sample, reduce=True):
         # under distributed training ``model`` is fairseq's wrapper, which forwards attribute access to the
         # plugin's model (``model.module`` would be the inner DDP object, not the plugin's model)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .targets import TargetConfig, make_targets
+from .targets import TargetConfig, at_least_fp32, make_targets
 
 
 def regressed(layer_results, num_extra_tokens: int, include_extra_tokens: bool):
@@ -31,7 +31,7 @@ def student_prediction(distiller, out: dict, target_cfg: TargetConfig, include_e
     ``head``: a linear head on the last student block."""
     n = 0 if include_extra_tokens else distiller.num_extra_tokens
     if distiller.prediction == "head":
-        return distiller.head(out["student_x"][:, n:]).float()
+        return at_least_fp32(distiller.head(out["student_x"][:, n:]))
     layers = regressed(out["student_layer_results"], distiller.num_extra_tokens, include_extra_tokens)
     k = min(target_cfg.average_top_k_layers, len(layers))
     mask = regressed_mask(out.get("padding_mask"), distiller.num_extra_tokens, include_extra_tokens)

@@ -20,10 +20,15 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vConfig, D2vModel
-from .distill import Distiller
+from .distill import Distiller, gradient_free_parameters
 from .targets import TargetConfig
 
 TEACHER_PREFIX = "distiller.teacher_blocks."
+GRADIENT_FREE_HELP = (
+    "keep the student parameters that the loss gives no gradient by construction (distill.gradient_free_parameters: "
+    "with layer_average, the last block's closing LayerNorm and its FFN output bias) in the optimizer, as runs "
+    "started before they were frozen did; only for resuming such a run exactly (false: they keep their initial "
+    "values, which Adam and weight decay would otherwise move with rounding noise)")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class D2vKDModelConfig(FairseqDataclass):
         default="layer_average", metadata={"help": "layer_average: student layers normalised and averaged like "
                                                    "the targets; head: linear head on the last student block"})
     drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
+    optimize_gradient_free: bool = field(default=False, metadata={"help": GRADIENT_FREE_HELP})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the forward pass and loss as one graph: 1.7x the KD updates/s of eager mode on an "
                 "H200 (BENCHMARKS.md), after ~35 s of compilation; off by default (no gain for short CPU runs)"})
@@ -112,6 +118,13 @@ class D2vKDModel(BaseFairseqModel):
     @property
     def target_config(self) -> TargetConfig:
         return self.distiller.cfg.targets
+
+    def freeze_gradient_free(self, target_cfg: TargetConfig) -> list:
+        """Take the student parameters the loss gives no gradient with ``target_cfg`` out of training; their names."""
+        names = gradient_free_parameters(self.distiller, target_cfg)
+        for name in names:
+            self.distiller.get_parameter(name).requires_grad_(False)
+        return [f"distiller.{n}" for n in names]
 
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 targets: Optional[TargetConfig] = None, include_extra_tokens: bool = True, **unused) -> dict:

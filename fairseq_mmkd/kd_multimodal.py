@@ -32,10 +32,11 @@ from . import kd_data, save_dir
 from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
-from .kd_model import arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
+from .kd_model import GRADIENT_FREE_HELP, arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
 from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_schedule,
                       check_teacher, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
 from .retrieval import evaluate_retrieval
+from .targets import TargetConfig
 from .multimodal import MODALITY_ORDER, MultimodalDistiller, check_compatible, student_inits
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class D2vKDMultimodalModelConfig(FairseqDataclass):
         "help": "layer_average: student layers normalised and averaged like the targets; head: a linear head per "
                 "modality on the last student block"})
     drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
+    optimize_gradient_free: bool = field(default=False, metadata={"help": GRADIENT_FREE_HELP})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile each modality's forward pass and loss (not yet measured for multimodal runs)"})
 
@@ -183,6 +185,13 @@ class D2vKDMultimodalModel(BaseFairseqModel):
 
     def target_config(self, modality: str):
         return self.distiller.cfgs[modality].targets
+
+    def freeze_gradient_free(self, target_cfgs: Dict[str, TargetConfig]) -> list:
+        """Take the student parameters that no modality's loss gives a gradient out of training; their names."""
+        names = self.distiller.gradient_free_parameters(target_cfgs)
+        for name in names:
+            self.distiller.get_parameter(name).requires_grad_(False)
+        return [f"distiller.{n}" for n in names]
 
     def forward(self, modalities: dict, targets: Optional[dict] = None, include_extra_tokens: bool = True,
                 **unused) -> dict:
@@ -297,6 +306,7 @@ class D2vKDMultimodalTask(D2vKDTask):
         self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
         if from_checkpoint:
             return model
+        self.trained_model = model
         teachers, data = set(model.modalities), set(self.modality_data)
         if teachers != data:
             extra = sorted(teachers - data)
@@ -398,6 +408,11 @@ class D2vKDMultimodalTask(D2vKDTask):
 class D2vKDMultimodalCriterion(D2vKDCriterion):
     """The sum over modalities of each modality's squared error (weighted by ``task.modality_weights``), with the
     number of regressed elements of all modalities as ``sample_size``: one optimizer step for all."""
+
+    def target_configs(self, model) -> dict:
+        """Each trained modality's target recipe (a modality of weight 0 trains nothing)."""
+        weights = self.task.modality_weights
+        return {m: resolve_target_config(self.cfg, model.target_config(m)) for m in model.modalities if weights[m] > 0}
 
     def forward(self, model, sample, reduce=True):
         batches = sample["modalities"]

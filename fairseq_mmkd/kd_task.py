@@ -139,6 +139,7 @@ class D2vKDTask(FairseqTask):
         self.precision_logged = False  # the dtypes of teacher, encoders and student: logged at the first update
         self.teacher_weights = None  # model.teacher_weights, for the evaluation protocol record
         self.protocol_written = False
+        self.trained_model = None  # the model built for training, whose gradient-free parameters build_criterion freezes
 
     @property
     def input_size(self):
@@ -177,6 +178,7 @@ class D2vKDTask(FairseqTask):
         self.teacher_arch = model.teacher_arch
         self.teacher_task_cfg = dict(getattr(model, "teacher_task_cfg", None) or {})
         if not from_checkpoint:
+            self.trained_model = model
             check_teacher(model, cfg.teacher_checkpoint)
         if self.data is not None:
             kd_data.check_modality(self.data.modality, self.cfg.data, model.modality, cfg.teacher_checkpoint)
@@ -189,7 +191,10 @@ class D2vKDTask(FairseqTask):
 
     def build_criterion(self, cfg, from_checkpoint: bool = False):
         self.guard = guards.TrainingGuard.from_config(cfg)  # validates its settings before training starts
-        return super().build_criterion(cfg, from_checkpoint=from_checkpoint)
+        criterion = super().build_criterion(cfg, from_checkpoint=from_checkpoint)
+        if self.trained_model is not None and not from_checkpoint:
+            freeze_gradient_free(self.trained_model, criterion)
+        return criterion
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, *args, **kwargs):
         unlimited = max_tokens is None and (max_sentences is None or max_sentences < 1)
@@ -347,6 +352,20 @@ class D2vKDTask(FairseqTask):
         for name in names:
             value = sum(float(log.get(name, 0.0)) for log in logging_outputs) / rounds
             metrics.log_scalar(name, value, weight=1, priority=300 if name.startswith("teacher_") else 250, round=2)
+
+
+def freeze_gradient_free(model, criterion) -> None:
+    """fairseq builds the model, then the criterion, then the optimizer from the parameters that require a gradient
+    (fairseq_cli/train.py): here, between the last two, the criterion's target recipe is known, and the student
+    parameters it gives no gradient leave training (``model.optimize_gradient_free`` keeps them)."""
+    if model.cfg.optimize_gradient_free:
+        logger.info("model.optimize_gradient_free=true: the student parameters the loss gives no gradient stay in "
+                    "the optimizer")
+        return
+    names = model.freeze_gradient_free(criterion.target_configs(model))
+    if names:
+        logger.info(f"{len(names)} student parameter tensors receive no gradient from the loss by construction and "
+                    f"keep their initial values (README, architecture notes): {', '.join(names)}")
 
 
 def check_teacher(model, path) -> None:

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from .d2v_model import D2vModel
-from .distill import PREDICTIONS, Distiller, bias_layers, build_student, teacher_block_indices
+from .distill import (PREDICTIONS, Distiller, bias_layers, build_student, gradient_free_parameters,
+                      teacher_block_indices)
+from .targets import TargetConfig
 
 MODALITY_ORDER = ("image", "text", "audio")
 
@@ -113,6 +115,13 @@ class MultimodalDistiller(nn.Module):
         view = self._views[modality]
         view.training = self.training
         return view
+
+    def gradient_free_parameters(self, target_cfgs: Mapping[str, TargetConfig]) -> list:
+        """The student parameters no modality's loss gives a gradient (``distill.gradient_free_parameters`` of
+        every modality in ``target_cfgs``, modality -> its target recipe, intersected)."""
+        per_modality = [set(gradient_free_parameters(self.view(m), cfg)) for m, cfg in target_cfgs.items()]
+        common = set.intersection(*per_modality) if per_modality else set()
+        return [n for n, _ in self.named_parameters() if n in common]
 
     def loss(self, modality: str, source: torch.Tensor, target_cfg, include_extra_tokens: bool = True,
              padding_mask: Optional[torch.Tensor] = None) -> dict:

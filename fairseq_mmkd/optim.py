@@ -92,6 +92,18 @@ class TorchAdamW(FairseqOptimizer):
             group["eps"] = self.cfg.adam_eps / math.sqrt(1.0 - group["betas"][1] ** t)
         super().step(closure, scale=scale, groups=groups)
 
+    def load_state_dict(self, state_dict, optimizer_overrides=None):
+        """A checkpoint's optimizer state, refused in one line when it was written for other parameters (PyTorch's
+        own message would not say why)."""
+        saved = [len(g["params"]) for g in state_dict.get("param_groups", [])]
+        current = [len(g["params"]) for g in self.param_groups]
+        if saved != current:
+            raise ValueError(
+                f"the checkpoint's optimizer state is for {sum(saved)} parameter tensors, this run trains "
+                f"{sum(current)}: the model's trained parameters changed. A run started before the student parameters "
+                "that the loss gives no gradient were frozen resumes exactly with model.optimize_gradient_free=true")
+        super().load_state_dict(state_dict, optimizer_overrides)
+
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         """fairseq's clipping formula with PyTorch's multi-tensor norm instead of one norm per parameter."""
         grads = [p.grad for p in self.params if p.grad is not None]

@@ -41,6 +41,11 @@ class TargetConfig:
         return cls(**kw)
 
 
+def at_least_fp32(y: torch.Tensor) -> torch.Tensor:
+    """``y`` in fp32, or in its own dtype when that is wider (float64 stays float64: exact gradient checks)."""
+    return y.to(torch.promote_types(y.dtype, torch.float32))
+
+
 def _masked_norm(y: torch.Tensor, valid: torch.Tensor, dims: tuple) -> torch.Tensor:
     """``(y - mean) / sqrt(var + 1e-5)`` with biased mean/var over ``dims`` at valid positions only (the
     statistics of ``F.instance_norm`` / ``F.batch_norm`` on the valid tokens alone); 0 at padding."""
@@ -61,13 +66,13 @@ def make_targets(layer_results: Sequence[torch.Tensor], cfg: TargetConfig,
             0 at padding (see the module docstring).
 
     Returns:
-        fp32 tensor ``[B, T, C]``. Differentiable: the same recipe turns a student's per-layer outputs
+        fp32 tensor ``[B, T, C]`` (float64 for float64 inputs). Differentiable: the same recipe turns a student's per-layer outputs
         into its prediction (``layer_average``); callers wrap teacher targets in ``torch.no_grad``.
     """
     k = cfg.average_top_k_layers
     if not 1 <= k <= len(layer_results):
         raise ValueError(f"average_top_k_layers={k} must be between 1 and the number of layers ({len(layer_results)})")
-    ys = [y.float() for y in layer_results[-k:]]
+    ys = [at_least_fp32(y) for y in layer_results[-k:]]
     if padding_mask is not None:
         valid = (~padding_mask).unsqueeze(-1).to(ys[0].dtype)  # [B, T, 1]
         if cfg.batch_norm_target_layer:

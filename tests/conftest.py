@@ -268,6 +268,53 @@ def assert_same_model(a: dict, b: dict, atol: float, rtol: float) -> None:
         torch.testing.assert_close(b["model"][k], v, atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
+def learning_rates(text: str) -> list:
+    """The learning rate of every update of a run logged with ``common.log_interval=1``, in update order."""
+    lrs = {int(r["num_updates"]): float(r["lr"]) for r in json_log_lines(text, "train_inner")}
+    assert lrs and sorted(lrs) == list(range(1, max(lrs) + 1)), f"not every update was logged: {sorted(lrs)}"
+    return [lrs[n] for n in sorted(lrs)]
+
+
+def gradient_free_names(text: str) -> list:
+    """The parameters a run's log says it froze because the loss gives them no gradient."""
+    marker = "keep their initial values (README, architecture notes): "
+    lines = [line for line in text.splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1].strip().split(", ") if lines else []
+
+
+def assert_same_updates(a: dict, b: dict, lrs, frozen=()) -> None:
+    """Checkpoints ``a`` and ``b`` hold the same weights up to what float rounding can make of the Adam updates at
+    learning rates ``lrs`` that led to them (one per update), and bitwise the same ``frozen`` parameters (no update
+    touches them).
+
+    Per element, an update adds ``lr_t * m/(sqrt(v) + eps)``, a step of at most about ``lr_t``, and stores the sum in
+    float32. Two runs that differ only in rounding (summation order, a different CPU) can round every stored sum
+    differently (one ulp of the largest weight of the tensor per update) and every step differently; a step's
+    relative rounding is ~1e-7 and the updates that follow can amplify it where an element's gradient is near zero,
+    bounded by its own step size: ``1e-4 * sum(lr_t)`` allows that amplification a factor of 1,000. A run whose
+    gradients differ (another batch on one worker) moves its weights by a fraction of ``sum(lr_t)`` itself.
+    """
+    frozen = set(frozen)
+    assert set(a["model"]) == set(b["model"]) and frozen <= set(a["model"]), sorted(frozen - set(a["model"]))
+    step_bound = 1e-4 * sum(lrs)
+    for k, v in a["model"].items():
+        if k in frozen:
+            assert torch.equal(b["model"][k], v), f"{k} is frozen but changed"
+            continue
+        ulp = torch.finfo(v.dtype).eps * float(v.abs().max())
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=step_bound + len(lrs) * ulp,
+                                   msg=lambda m: f"{k}: {m}")
+
+
+def assert_same_losses(text_a: str, text_b: str) -> None:
+    """The same loss at every logged update: fairseq prints losses rounded to 4 decimals, so values that agree to
+    float rounding print at most one unit of the last digit apart."""
+    la = [float(r["loss"]) for r in json_log_lines(text_a, "train_inner")]
+    lb = [float(r["loss"]) for r in json_log_lines(text_b, "train_inner")]
+    assert la and len(la) == len(lb), (len(la), len(lb))
+    assert la == pytest.approx(lb, rel=0, abs=1.5e-4)
+
+
 def json_log_lines(text: str, kind: str = "train_inner") -> list:
     """fairseq's json log lines of one kind (train_inner, train, valid) from a run's output."""
     out = []

@@ -165,3 +165,27 @@ def test_model_compile_switch_keeps_the_loss_and_gradients(tiny_teacher, monkeyp
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
 
+
+
+@pytest.mark.parametrize("optimize_gradient_free", [False, True])
+def test_gradient_free_parameters_leave_training_unless_kept(tiny_teacher, optimize_gradient_free):
+    """Between building the criterion and the optimizer (what the task's build_criterion does), the tensors the
+    loss gives no gradient stop requiring one; model.optimize_gradient_free=true keeps them, as before."""
+    from fairseq_mmkd.kd_task import freeze_gradient_free
+
+    model, criterion = build(tiny_teacher, optimize_gradient_free=optimize_gradient_free)
+    freeze_gradient_free(model, criterion)
+    frozen = {n for n, p in model.named_parameters() if n.startswith("distiller.student_") and not p.requires_grad}
+    expected = {"distiller.student_blocks.1.norm2.weight", "distiller.student_blocks.1.norm2.bias",
+                "distiller.student_blocks.1.mlp.fc2.bias"}
+    assert frozen == (set() if optimize_gradient_free else expected)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    loss, sample_size, _ = criterion(model, sample())
+    (loss / sample_size).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen or not p.requires_grad:
+            assert torch.equal(p, before[n]), n
+        elif p.grad is not None:  # kept in the optimizer: what has a gradient moves
+            assert not torch.equal(p, before[n]), n

@@ -103,3 +103,14 @@ def test_foreach_implementation_can_be_chosen():
     params = _params()
     opt = TorchAdamW(TorchAdamWConfig(lr=[1e-3], implementation="foreach"), params)
     assert opt.implementation == "foreach" and opt.optimizer.defaults["foreach"] is True
+
+
+def test_optimizer_state_of_other_parameters_is_refused_in_one_line():
+    """A checkpoint whose optimizer held more tensors (a run started before the gradient-free parameters were
+    frozen) is refused with the setting that resumes it, before PyTorch's own error."""
+    cfg = TorchAdamWConfig(adam_betas="(0.9, 0.98)", adam_eps=1e-6, weight_decay=0.01, lr=[1e-3])
+    old = TorchAdamW(cfg, _params())
+    new = TorchAdamW(cfg, _params()[:3])
+    with pytest.raises(ValueError, match=r"for 4 parameter tensors, this run trains 3.*model.optimize_gradient_free=true"):
+        new.load_state_dict(old.state_dict())
+    TorchAdamW(cfg, _params()).load_state_dict(old.state_dict())  # the same parameters load
