@@ -8,13 +8,15 @@ setup(
     packages=find_packages(include=["fairseq_mmkd", "fairseq_mmkd.*"]),
     python_requires=">=3.10",
     # fairseq itself is not listed: on Python >= 3.11 the working build is `fairseq-fixed`, whose
-    # torchaudio requirement would pull a second torch. Install it yourself (README, "Install into your
-    # own environment"): pip install --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
+    # torchaudio requirement would pull a second torch. Install it yourself, after this package (README,
+    # "Install into your own environment"): pip install --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
+    # hydra-core and omegaconf are pinned to what fairseq-fixed pins (and this project tests): a range here let
+    # pip pick newer releases that fairseq-fixed's metadata refuses (tests/test_fairseq_cli.py checks the pins).
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "hydra-core>=1.3,<1.4",
-        "omegaconf>=2.3,<2.4",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
         "numpy>=1.24",
         "pillow>=9",
         "tqdm>=4",

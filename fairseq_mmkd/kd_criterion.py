@@ -5,7 +5,6 @@ trained"); each can be overridden. The loss is returned as a sum with the number
 ``sample_size``, so fairseq's gradient normalisation yields the mean over all timesteps and channels of
 the whole (possibly multi-GPU, multi-step) batch.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace

@@ -6,7 +6,6 @@ Thin fairseq glue around :class:`fairseq_mmkd.distill.Distiller`. What it adds:
 - keeps the teacher blocks out of checkpoints (state-dict hook) and forgives exactly those keys on load;
 - keeps the frozen parts in eval mode although fairseq calls ``model.train()`` every step.
 """
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -119,6 +118,13 @@ class D2vKDModel(BaseFairseqModel):
     def target_config(self) -> TargetConfig:
         return self.distiller.cfg.targets
 
+    def attach_teacher(self, teacher: D2vModel, path: str) -> None:
+        """Give a model rebuilt from a checkpoint (no teacher blocks) its teacher's blocks back, for the validation
+        loss; refused when ``teacher`` is not the model this student was distilled from."""
+        check_same_teacher(self.distiller.cfg, self.distiller.shared_encoder, teacher, path)
+        self.distiller.teacher_blocks = teacher.blocks.requires_grad_(False).eval()
+        self.distiller.teacher_blocks.to(next(self.distiller.student_blocks.parameters()).device)
+
     def freeze_gradient_free(self, target_cfg: TargetConfig) -> list:
         """Take the student parameters the loss gives no gradient with ``target_cfg`` out of training; their names."""
         names = gradient_free_parameters(self.distiller, target_cfg)
@@ -148,6 +154,17 @@ class D2vKDModel(BaseFairseqModel):
         """Checkpoints carry no teacher blocks: take them from the loaded teacher, check the rest strictly."""
         return super().load_state_dict(with_teacher_blocks(state_dict, self.distiller.teacher_blocks), strict=strict,
                                        model_cfg=model_cfg, args=args)
+
+
+def check_same_teacher(cfg: D2vConfig, shared_encoder, teacher: D2vModel, path: str) -> None:
+    """``teacher`` (read from ``path``) has the architecture and the modality encoder the student was trained with."""
+    if arch_to_json(teacher.cfg) != arch_to_json(cfg):
+        raise CheckpointError(f"{path} is not the teacher this student was distilled from (another architecture)")
+    mine = shared_encoder.state_dict()
+    theirs = teacher.encoder.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine):
+        raise CheckpointError(f"{path} is not the teacher this student was distilled from (its modality encoder "
+                              "holds other weights)")
 
 
 def with_teacher_blocks(state_dict, teacher_blocks):

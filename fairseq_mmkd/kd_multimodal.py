@@ -13,15 +13,16 @@ names of the single-modality task, with the teachers' once per run.
 With a single teacher the run is the single-modality ``d2v_kd`` run with the same settings: the same batches,
 initialisation, loss and updates (tested).
 """
-from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
+import torch.nn as nn
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
@@ -32,7 +33,7 @@ from . import kd_data, save_dir
 from .checkpoint import CheckpointError, load_d2v
 from .d2v_model import D2vModel
 from .kd_criterion import D2vKDCriterion, D2vKDCriterionConfig, resolve_target_config
-from .kd_model import GRADIENT_FREE_HELP, arch_from_json, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
+from .kd_model import GRADIENT_FREE_HELP, arch_from_json, check_same_teacher, arch_to_json, drop_teacher_blocks, teacher_data_settings, with_teacher_blocks
 from .kd_task import (D2vKDTask, D2vKDTaskConfig, check_retrieval_model, check_retrieval_settings, check_schedule,
                       check_teacher, feature_function, fit_retrieval_sets, load_retrieval_sets, retrieval_progress)
 from .retrieval import evaluate_retrieval
@@ -60,9 +61,11 @@ class _MultimodalFields:
     audio_batch_size: Optional[int] = field(default=None, metadata={"help": "audio clips per GPU and update"})
     audio_max_tokens: Optional[int] = field(default=1000000, metadata={
         "help": "or: audio samples per GPU and update (data2vec 2.0: 1,000,000)"})
-    modality_weights: Dict[str, float] = field(default_factory=dict, metadata={
-        "help": "weight of each modality's summed squared error, e.g. {image: 1, text: 0.5}; missing: 1, so by "
-                "default every regressed element counts the same whatever its modality"})
+    # Any, not Dict[str, float]: fairseq's argparse tools cannot type a dict (there it is a string, parsed here)
+    modality_weights: Any = field(default_factory=dict, metadata={
+        "help": "weight of each modality's summed squared error, e.g. {image: 1, text: 0.5} (fairseq-train: "
+                "--modality-weights \"{'image': 1, 'text': 0.5}\"); missing: 1, so by default every regressed element "
+                "counts the same whatever its modality"})
     image_retrieval_folder: Optional[str] = field(default=None, metadata={
         "help": "an image retrieval set of your own (train/ and test/ in ImageFolder layout), besides CIFAR"})
     text_retrieval_folder: Optional[str] = field(default=None, metadata={
@@ -89,6 +92,18 @@ D2vKDMultimodalTaskConfig = dataclasses.make_dataclass(
     + [_copy(f) for f in dataclasses.fields(D2vKDTaskConfig) if f.name not in SINGLE_MODALITY_FIELDS],
     bases=(FairseqDataclass,))
 D2vKDMultimodalTaskConfig.__module__ = __name__
+
+
+def parse_modality_weights(value) -> dict:
+    """``task.modality_weights`` as a dict: a mapping (Hydra), or its Python literal (fairseq's argparse tools)."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value) if value.strip() else {}
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError("task.modality_weights must map modalities to weights, e.g. {'image': 1, 'text': 0.5}")
+    return dict(value or {})
 
 
 class ModalityView:
@@ -145,8 +160,23 @@ class D2vKDMultimodalModel(BaseFairseqModel):
                                              drop_path=cfg.drop_path, keep_teacher_blocks=keep_teacher_blocks)
         self.teacher_task_cfgs: Dict[str, dict] = {}
         self._register_state_dict_hook(drop_teacher_blocks)
-        self._losses = {m: (torch.compile(self.distiller.view(m).loss) if cfg.compile else self.distiller.view(m).loss)
-                        for m in self.distiller.modalities}
+        self._losses = self._build_losses()
+
+    def _build_losses(self) -> dict:
+        return {m: (torch.compile(self.distiller.view(m).loss) if self.cfg.compile else self.distiller.view(m).loss)
+                for m in self.distiller.modalities}
+
+    def attach_teachers(self, teachers: Dict[str, D2vModel], paths: Dict[str, str]) -> None:
+        """Give a model rebuilt from a checkpoint (no teacher blocks) every teacher's blocks back, for the validation
+        loss; refused when a teacher is not the model its modality was distilled from."""
+        d = self.distiller
+        for m in d.modalities:
+            check_same_teacher(d.cfgs[m], d.shared_encoders[m], teachers[m], paths[m])
+        device = next(d.student_blocks.parameters()).device
+        d.teacher_blocks = nn.ModuleDict({m: teachers[m].blocks.requires_grad_(False).eval() for m in d.modalities})
+        d.teacher_blocks.to(device)
+        d._views = {}  # the views hold the teacher blocks they were made with
+        self._losses = self._build_losses()
 
     @classmethod
     def build_model(cls, cfg: D2vKDMultimodalModelConfig, task=None):
@@ -262,7 +292,7 @@ class D2vKDMultimodalTask(D2vKDTask):
             check_schedule(root)
         retrieval_progress(cfg.retrieval_progress)
         check_retrieval_settings(cfg)
-        for m, w in dict(cfg.modality_weights or {}).items():
+        for m, w in parse_modality_weights(cfg.modality_weights).items():
             if m not in MODALITY_ORDER or not float(w) >= 0:
                 raise ValueError(f"task.modality_weights: {m}={w}; use image, text or audio with a weight >= 0")
         data, sets = {}, {}
@@ -305,6 +335,7 @@ class D2vKDMultimodalTask(D2vKDTask):
         self.teacher_task_cfgs = dict(model.teacher_task_cfgs)
         self.teacher_weights = str(getattr(cfg, "teacher_weights", "model"))
         if from_checkpoint:
+            self.checkpoint_model = model
             return model
         self.trained_model = model
         teachers, data = set(model.modalities), set(self.modality_data)
@@ -323,8 +354,38 @@ class D2vKDMultimodalTask(D2vKDTask):
                 check_retrieval_model(self.cfg, view)
         return model
 
+    def checkpoint_validation(self, split: str):
+        """``fairseq-validate --path CKPT`` of a multimodal checkpoint: every modality's retrieval sets, and the
+        distillation batches where every modality's training data and teacher file can still be read."""
+        model = self.checkpoint_model
+        if model is None or split == "train":
+            raise ValueError(f"a d2v_kd_multimodal task rebuilt from a checkpoint only validates (asked for {split!r})")
+        self.writes_files = False
+        check_retrieval_settings(self.cfg)
+        if self.cfg.retrieval:
+            self.modality_sets = {m: load_retrieval_sets(ModalityView(self.cfg, m), m) for m in model.modalities}
+            for m, sets in self.modality_sets.items():
+                fit_retrieval_sets(sets, ModalityView(self.cfg, m), model.modality_model(m))
+            self.retrieval_sets = {name: s for sets in self.modality_sets.values() for name, s in sets.items()}
+        try:
+            data = {m: kd_data.training_data(ModalityView(self.cfg, m)) for m in model.modalities}
+            paths = {m: os.path.expanduser(getattr(model.cfg, f"{m}_teacher")) for m in model.modalities}
+            model.attach_teachers({m: load_d2v(p, weights=str(model.cfg.teacher_weights), modality=m,
+                                               trust_checkpoint=model.cfg.trust_teacher_checkpoint)
+                                   for m, p in paths.items()}, paths)
+            for m, d in data.items():
+                d.configure(model.modality_model(m))
+        except (OSError, ValueError) as e:
+            logger.warning(f"validating retrieval only, without the distillation loss: {e} (pass every modality's "
+                           "training data and teacher to get it: --image-data DIR ... --model-overrides "
+                           "\"{'image_teacher': 'PATH', ...}\")")
+            return kd_data.ValidRound([None], 1, lambda items: {"nsamples": 0})
+        return kd_data.MultiValidRound({m: d.valid(self.cfg.valid_kd_images) for m, d in data.items()})
+
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
-        if split == "train":
+        if not self.modality_data:  # rebuilt from a checkpoint: fairseq-validate
+            self.datasets[split] = self.checkpoint_validation(split)
+        elif split == "train":
             if self.streams is None:
                 c = self.cfg
                 sizes = {"image": (None, c.image_batch_size), "text": (c.text_max_tokens, c.text_batch_size),
@@ -363,7 +424,10 @@ class D2vKDMultimodalTask(D2vKDTask):
     def valid_step(self, sample, model, criterion):
         """The distillation loss of every modality's validation batch, then every modality's retrieval (the
         student's each round, the teachers' once per run), under the single-modality metric names."""
-        loss, sample_size, logging_output = FairseqTask.valid_step(self, sample, model, criterion)
+        if "modalities" in sample:
+            loss, sample_size, logging_output = FairseqTask.valid_step(self, sample, model, criterion)
+        else:  # retrieval only (a checkpoint validated without its teachers or training data)
+            loss, sample_size, logging_output = torch.zeros(()), 0, {}
         if not self.retrieval_sets:
             return loss, sample_size, logging_output
         with_teacher = self.cfg.retrieval_teacher and model.distiller.teacher_blocks is not None
@@ -400,7 +464,7 @@ class D2vKDMultimodalTask(D2vKDTask):
 
     @property
     def modality_weights(self) -> Dict[str, float]:
-        weights = dict(self.cfg.modality_weights or {})
+        weights = parse_modality_weights(self.cfg.modality_weights)
         return {m: float(weights.get(m, 1.0)) for m in MODALITY_ORDER}
 
 

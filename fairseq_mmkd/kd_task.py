@@ -14,7 +14,6 @@ the teacher is loaded or the trainer starts, and what depends on the teacher rig
 First of all the task claims ``checkpoint.save_dir`` (:mod:`fairseq_mmkd.save_dir`): a rerun of a finished
 run exits there, and a folder another live run is using is refused.
 """
-from __future__ import annotations
 
 import logging
 import os
@@ -49,7 +48,9 @@ class D2vKDTaskConfig(FairseqDataclass):
         "help": "training data of the teacher's modality: images (a folder in ImageFolder layout, labels ignored, "
                 "or a text file with one image path per line), text (fairseq-preprocess output: a folder with "
                 "dict.txt and train.bin/.idx, or DIR1:DIR2 shards, one per epoch) or audio (a wav2vec manifest: "
-                "a folder with train.tsv)"})
+                "a folder with train.tsv)",
+        # fairseq's argparse tools take it as the optional positional DATA (fairseq-validate reads the checkpoint's)
+        "argparse_const": ""})
     input_size: Optional[int] = field(default=None, metadata={
         "help": "crop size; default (and the only valid value): the teacher's input size, since data2vec2 "
                 "position tables are fixed"})
@@ -61,8 +62,10 @@ class D2vKDTaskConfig(FairseqDataclass):
         "help": "decode training JPEGs in the training process on its device (nvjpeg on a GPU), batched, with the "
                 "crop, flip and normalisation there; DataLoader workers then only read files (other formats are "
                 "still decoded by the workers). auto: on when training on a GPU; true: also on CPU; false: off"})
+    # Fields that follow a fairseq setting carry "doc", not "help": fairseq's argparse tools then skip them (their
+    # flags, --cpu, --seed, --save-dir, are fairseq's own), and the interpolation fills them in.
     cpu: bool = field(default=II("common.cpu"), metadata={
-        "help": "fairseq's common.cpu: training on CPU (gpu_decode=auto is then off)"})
+        "doc": "fairseq's common.cpu: training on CPU (gpu_decode=auto is then off)"})
     tokens_per_sample: int = field(default=512, metadata={
         "help": "text: tokens per training block, <s> included (data2vec 2.0 text pretraining: 512)"})
     max_sample_size: int = field(default=320000, metadata={
@@ -75,7 +78,7 @@ class D2vKDTaskConfig(FairseqDataclass):
                 "true for base_libri.pt)"})
     max_bad_audio_fraction: float = field(default=0.01, metadata={
         "help": "audio: stop with an error when more than this fraction of the clips read so far is unreadable"})
-    seed: int = field(default=II("common.seed"), metadata={"help": "augmentation seed (fairseq's common.seed)"})
+    seed: int = field(default=II("common.seed"), metadata={"doc": "augmentation seed (fairseq's common.seed)"})
     valid_kd_images: int = field(default=64, metadata={
         "help": "validation distillation loss is measured on this many training samples (images: centre crops; "
                 "text blocks; audio clips cropped from their start)"})
@@ -114,7 +117,7 @@ class D2vKDTaskConfig(FairseqDataclass):
         "help": "at each validation draw this many fixed test queries of the first retrieval set with their "
                 "top-3 neighbours to SAVE_DIR/retrieval_examples.png (and one file per update); 0: off"})
     save_dir: str = field(default=II("checkpoint.save_dir"), metadata={
-        "help": "where validation pictures go (fairseq's checkpoint.save_dir)"})
+        "doc": "where validation pictures go (fairseq's checkpoint.save_dir)"})
     reuse_dataloader: bool = field(default=False, metadata={
         "help": "fairseq: keep one DataLoader across epochs. Off so workers see each epoch's augmentation seed"})
     persistent_workers: bool = field(default=True, metadata={"help": "fairseq: keep DataLoader workers alive"})
@@ -140,6 +143,8 @@ class D2vKDTask(FairseqTask):
         self.teacher_weights = None  # model.teacher_weights, for the evaluation protocol record
         self.protocol_written = False
         self.trained_model = None  # the model built for training, whose gradient-free parameters build_criterion freezes
+        self.checkpoint_model = None  # the model rebuilt from a checkpoint (fairseq-validate validates it)
+        self.writes_files = True  # eval_protocol.json and the pictures: not when validating someone's checkpoint
 
     @property
     def input_size(self):
@@ -177,7 +182,9 @@ class D2vKDTask(FairseqTask):
             self.inference_teacher_arch = None
         self.teacher_arch = model.teacher_arch
         self.teacher_task_cfg = dict(getattr(model, "teacher_task_cfg", None) or {})
-        if not from_checkpoint:
+        if from_checkpoint:
+            self.checkpoint_model = model
+        else:
             self.trained_model = model
             check_teacher(model, cfg.teacher_checkpoint)
         if self.data is not None:
@@ -206,6 +213,8 @@ class D2vKDTask(FairseqTask):
                              f"{len(dataset)} training {'images' if image else 'samples'} into one batch; set {what}")
         if "num_workers" in kwargs:
             kwargs["num_workers"] = fit_workers(kwargs["num_workers"])
+        if isinstance(dataset, kd_data.ValidRound) and "required_batch_size_multiple" in kwargs:
+            kwargs["required_batch_size_multiple"] = 1  # one item by design; a multiple of 8 (fairseq's) drops it
         return super().get_batch_iterator(dataset, max_tokens, max_sentences, *args, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
@@ -236,11 +245,41 @@ class D2vKDTask(FairseqTask):
         super().optimizer_step(optimizer, model, update_num)
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
-        if split == "train":
+        if self.data is None:  # rebuilt from a checkpoint: fairseq-validate
+            self.datasets[split] = self.checkpoint_validation(split)
+        elif split == "train":
             self.datasets[split] = self.data.train(epoch)
         else:
             self.datasets[split] = self.data.valid(self.cfg.valid_kd_images)
         return self.datasets[split]
+
+    def checkpoint_validation(self, split: str):
+        """The validation round of a task rebuilt from a checkpoint (``fairseq-validate --path CKPT``): the retrieval
+        sets of the checkpoint's config (command-line overrides applied), read now, and the distillation batch where
+        the training data and the teacher file can still be read (else retrieval alone, with one line saying why).
+        Nothing is written into the training run's folder."""
+        model = self.checkpoint_model
+        if model is None or split == "train":
+            raise ValueError(f"a d2v_kd task rebuilt from a checkpoint only validates (asked for split {split!r})")
+        self.writes_files = False
+        check_retrieval_settings(self.cfg)
+        if self.cfg.retrieval:
+            self.retrieval_sets = load_retrieval_sets(self.cfg, model.modality)
+            fit_retrieval_sets(self.retrieval_sets, self.cfg, model)
+        try:
+            data = kd_data.training_data(self.cfg)
+            kd_data.check_modality(data.modality, self.cfg.data, model.modality, model.cfg.teacher_checkpoint)
+            from .kd_model import load_teacher
+
+            model.attach_teacher(load_teacher(model.cfg), model.cfg.teacher_checkpoint)
+            data.configure(model)
+        except (OSError, ValueError) as e:
+            logger.warning(f"validating retrieval only, without the distillation loss: {e} (pass the training data as "
+                           "DATA and the teacher with --model-overrides \"{'teacher_checkpoint': 'PATH'}\" to get it)")
+            return kd_data.ValidRound([None], 1, lambda items: {"nsamples": 0})
+        if self.cfg.retrieval:
+            check_retrieval_model(self.cfg, model)
+        return data.valid(self.cfg.valid_kd_images)
 
     @property
     def metric_prefixes(self) -> tuple:
@@ -295,7 +334,7 @@ class D2vKDTask(FairseqTask):
     def write_protocol(self, records) -> None:
         """``SAVE_DIR/eval_protocol.json``: how this run's validation metrics are computed (``records()``, from
         ``protocol_record``), once per run, on rank 0 only."""
-        if self.protocol_written:
+        if self.protocol_written or not self.writes_files:
             return
         self.protocol_written = True
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -318,7 +357,7 @@ class D2vKDTask(FairseqTask):
         evaluation computes anyway."""
         first = next(iter(self.retrieval_sets))
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if self.cfg.retrieval_examples <= 0 or not rank0 or not self.cfg.save_dir \
+        if self.cfg.retrieval_examples <= 0 or not rank0 or not self.cfg.save_dir or not self.writes_files \
                 or self.retrieval_sets[first].modality != "image":  # pictures of images only
             return None
 
@@ -332,7 +371,10 @@ class D2vKDTask(FairseqTask):
         return write
 
     def valid_step(self, sample, model, criterion):
-        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if "net_input" in sample:
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        else:  # retrieval only (a checkpoint validated without its teacher or training data)
+            loss, sample_size, logging_output = torch.zeros(()), 0, {}
         if self.retrieval_sets:  # ``model`` may be fairseq's distributed wrapper: it forwards attributes
             with torch.inference_mode():
                 student = self._evaluate(model, teacher=False, on_embedded=self._example_writer(completed_updates()))
@@ -344,7 +386,8 @@ class D2vKDTask(FairseqTask):
         return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
-        super().reduce_metrics(logging_outputs, criterion)
+        if any("loss" in log for log in logging_outputs):  # not when only retrieval was validated
+            super().reduce_metrics(logging_outputs, criterion)
         rounds = sum(log.get("retrieval_rounds", 0) for log in logging_outputs)
         if not rounds:
             return

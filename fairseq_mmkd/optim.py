@@ -16,7 +16,6 @@ at update ``t`` is ``eps / sqrt(1 - beta2^t)``; ``t`` is counted here, in the pa
 saved in checkpoints), because reading PyTorch's own step counter from the GPU would cost a sync per update.
 Clipping: fairseq's formula (``grads * min(1, max_norm / (norm + 1e-6))``) with a multi-tensor norm.
 """
-from __future__ import annotations
 
 import math
 from collections.abc import Collection

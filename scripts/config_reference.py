@@ -54,7 +54,7 @@ def reference() -> str:
         for f in dataclasses.fields(cls):
             if f.name.startswith("_") or (section == "optimizer" and f.name == "lr"):  # lr: optimization.lr
                 continue
-            meaning = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
+            meaning = (f.metadata.get("help") or f.metadata.get("doc", "")).replace("|", "\\|").replace("\n", " ")
             out.append(f"| `{section}.{f.name}` | {_default(f)} | {meaning} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

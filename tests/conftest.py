@@ -316,11 +316,13 @@ def assert_same_losses(text_a: str, text_b: str) -> None:
 
 
 def json_log_lines(text: str, kind: str = "train_inner") -> list:
-    """fairseq's json log lines of one kind (train_inner, train, valid) from a run's output."""
+    """fairseq's json log lines of one kind (train_inner, train, valid) from a run's output: Hydra's log format
+    (``[time][kind][INFO] - {...}``, fairseq-hydra-train) or fairseq's (``time | INFO | kind | {...}``, its argparse
+    tools)."""
     out = []
     for line in text.splitlines():
         start = line.find("{")
-        if start < 0 or f"[{kind}][" not in line:
+        if start < 0 or (f"[{kind}][" not in line[:start] and f"| {kind} | " not in line[:start]):
             continue
         try:
             out.append(json.loads(line[start:]))
