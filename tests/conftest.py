@@ -202,12 +202,17 @@ SIZES = {  # what makes the tiny runs tiny, on top of preset=tiny
 }
 
 
-@pytest.fixture(scope="session")
-def text_corpus(tmp_path_factory):
+def make_text_corpus(dest: Path) -> str:
+    """The tests' text corpus (300 lines of 40 words, seeded), binarized with its own dictionary into ``dest``."""
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(40)]
     lines = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(300)]
-    return write_text_corpus(tmp_path_factory.mktemp("text") / "bin", lines)
+    return write_text_corpus(dest, lines)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    return make_text_corpus(tmp_path_factory.mktemp("text") / "bin")
 
 
 @pytest.fixture(scope="session")
