@@ -17,7 +17,7 @@ text model's vocabulary from ``task.data``/dict.txt: ``--text-dict`` writes that
 Each encoder computes exactly what it computed in training, with its teacher's LayerNorm eps: where that differs
 from the student blocks' (an image teacher has 1e-6, text and audio teachers 1e-5), the file keeps the blocks'
 eps as ``cfg.model.norm_eps`` and the encoder's as ``cfg.model.modalities.<modality>.norm_eps``, which
-``load_d2v`` reads; fairseq's own code drops that key and builds every LayerNorm with ``norm_eps`` (README).
+``load_d2v`` reads; fairseq's own code drops that key and builds every LayerNorm with ``norm_eps`` (docs/tools.md).
 A ``prediction=head`` regression head is a distillation-only part and is not exported.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional
 
-from .checkpoint import CheckpointError
-from .d2v_format import save_d2v_checkpoint, save_multimodal_d2v_checkpoint
-from .d2v_model import D2vConfig, D2vModel
+from .d2v.loading import CheckpointError
+from .d2v.writing import save_d2v_checkpoint, save_multimodal_d2v_checkpoint
+from .d2v.model import D2vConfig, D2vModel
 
 
 def is_multimodal(student) -> bool:
@@ -152,7 +152,7 @@ def task_cfg_for(model: D2vModel, settings: dict, text_data: Optional[str] = Non
 
 
 def _load(checkpoint, trust_checkpoint: bool, text_dict):
-    from .kd_model import load_student
+    from .models._student import load_student
 
     if text_dict is not None and not Path(text_dict).expanduser().exists():  # before loading the checkpoint
         raise CheckpointError(f"--text-dict {text_dict}: not found; pass the text teacher's dict.txt (or the folder "

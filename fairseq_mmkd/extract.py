@@ -51,7 +51,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, WrongModelError, load_d2v
+from .d2v.loading import CheckpointError, WrongModelError, load_d2v
+from .files import atomic_write
 
 EXIT_BAD_COMMAND = 2
 SAMPLE_RATE = 16000
@@ -179,13 +180,11 @@ class NpzWriter:
         self._arrays[name][start:start + len(batch)] = batch
 
     def close(self) -> None:
-        partial = Path(self._tmp.name) / "out.npz"
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with atomic_write(self.path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, arr in self._arrays.items():
                 arr.flush()
                 zf.write(arr.filename, arcname=f"{name}.npy")
         self._arrays.clear()
-        os.replace(partial, self.path)
         self._tmp.cleanup()
 
     def abort(self) -> None:
@@ -209,7 +208,7 @@ def load_model(checkpoint, weights: str = "model", device: str = "cpu", trust_ch
         return load_d2v(checkpoint, weights=weights, device=device, trust_checkpoint=trust_checkpoint,
                         modality=modality)
     except WrongModelError as e:
-        from .kd_model import STUDENT_MODELS
+        from .models._student import STUDENT_MODELS
 
         if e.model_name not in STUDENT_MODELS:
             raise
@@ -217,7 +216,7 @@ def load_model(checkpoint, weights: str = "model", device: str = "cpu", trust_ch
         raise UsageError(f"{checkpoint}: is a student training checkpoint, which has no EMA weights; drop "
                          "--weights ema")
     from .export import pick_modality, student_as_d2v, teacher_settings
-    from .kd_model import load_student
+    from .models._student import load_student
 
     student = load_student(checkpoint, trust_checkpoint=trust_checkpoint)
     modality = pick_modality(student, modality, checkpoint)

@@ -12,7 +12,7 @@ by top-1 on a seeded 10% of the train split held out, then refitted on the whole
 the test split: ``<set>_linear_top1``. Deterministic for a given ``--seed``.
 
 This is a logistic regression on frozen, un-augmented features (like DINOv3's ``log_regression.py``), not the
-MAE/DINO linear-probe protocol (SGD/LARS on augmented ImageNet crops for 90-100 epochs); see the README.
+MAE/DINO linear-probe protocol (SGD/LARS on augmented ImageNet crops for 90-100 epochs); see docs/evaluation.md.
 Problems with the inputs end in a single ``error: ...`` line on stderr and exit status 2.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ can silence them. This entry point imports the plugin first, then runs fairseq's
 config composition, training loop, checkpoints and logs, without those lines. It works wherever
 ``fairseq-hydra-train`` does, e.g. ``torchrun --nproc_per_node=4 -m fairseq_mmkd.train ...``.
 """
-from . import quiet
+from .runtime import quiet
 
 with quiet.fairseq_import():
     from fairseq_cli.hydra_train import cli_main

@@ -17,7 +17,7 @@ Every figure is a ratio against a baseline timed in the same run, with both abso
   per-parameter loop (``foreach=False``); all fp32. Each side runs in its own spawned process, so peak memory
   (growth of the resident set over the steps, from ``/proc/self/status`` VmHWM after resetting it) is its own;
   the two processes take turns step by step, so load from other jobs on the machine hits both alike.
-* Teacher forward: ``D2vModel`` vs fairseq's own ``Data2VecMultiModel`` (built by ``tests/fairseq_reference.py``
+* Teacher forward: ``D2vModel`` vs fairseq's own ``Data2VecMultiModel`` (built by ``fairseq_mmkd/testing/fairseq_reference.py``
   from the released image, text and audio base configs) with identical weights: time ratio and max
   |difference| of the last layer's output; text at 512 tokens, audio on 10 s clips.
 * Retrieval: embedding images/s of 32 px uint8 images resized to 224 through ``retrieval.embed`` (batched,
@@ -140,10 +140,10 @@ def peak_rss() -> int:
 
 def kd_config(s: dict):
     """The teacher architecture of a KD benchmark: ViT (image), data2vec2 text base or audio base layouts."""
-    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.d2v.model import D2vConfig
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.encoders.text import TextEncoderConfig
-    from fairseq_mmkd.targets import TargetConfig
+    from fairseq_mmkd.modules.targets import TargetConfig
 
     modality = s.get("modality", "image")
     if modality == "image":
@@ -177,9 +177,9 @@ def kd_batch(s: dict, generator):
 
 
 def vit_config(embed_dim, heads, depth, prenet, input_size, patch_size):
-    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.d2v.model import D2vConfig
     from fairseq_mmkd.encoders.image import ImageEncoderConfig
-    from fairseq_mmkd.targets import TargetConfig
+    from fairseq_mmkd.modules.targets import TargetConfig
 
     return D2vConfig(embed_dim=embed_dim, depth=depth, num_heads=heads,
                      encoder=ImageEncoderConfig(input_size=input_size, patch_size=patch_size, embed_dim=embed_dim,
@@ -199,14 +199,13 @@ def kd_child(variant: str, sizes: dict, conn) -> None:
     """
     try:
         sys.modules.setdefault("fairseq", None)  # the core needs no fairseq: skip its slow import here
-        sys.path.insert(0, str(REPO))
         import copy
 
         import torch
 
-        from fairseq_mmkd import layers
-        from fairseq_mmkd.d2v_model import D2vModel
-        from fairseq_mmkd.distill import Distiller
+        from fairseq_mmkd.modules import layers
+        from fairseq_mmkd.d2v.model import D2vModel
+        from fairseq_mmkd.distill.distiller import Distiller
 
         s = sizes
         cfg = kd_config(s)
@@ -401,16 +400,15 @@ def _time_pair(run_ours, run_fairseq, reps: int) -> dict:
 
 
 def _teacher_pair(modality: str, **overrides):
-    """fairseq's ``Data2VecMultiModel`` from the released base config of ``modality`` (``tests/fairseq_reference``)
+    """fairseq's ``Data2VecMultiModel`` from the released base config of ``modality`` (``fairseq_mmkd.testing.fairseq_reference``)
     and ``D2vModel`` with the same weights, both in eval mode."""
     import torch
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from fairseq_reference import make_config
+    from fairseq_mmkd.testing.fairseq_reference import make_config
 
     from fairseq import tasks
-    from fairseq_mmkd.d2v_model import D2vConfig, D2vModel
+    from fairseq_mmkd.d2v.model import D2vConfig, D2vModel
 
     cfg = make_config(modality, **overrides)
     torch.manual_seed(0)
@@ -475,7 +473,7 @@ def bench_embedding(args) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from fairseq_mmkd.d2v_model import D2vModel
+    from fairseq_mmkd.d2v.model import D2vModel
     from fairseq_mmkd.retrieval import embed
     from fairseq_mmkd.retrieval.evaluate import IMAGENET_MEAN, IMAGENET_STD
 
@@ -520,7 +518,6 @@ def bench_search(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench_retrieval import naive_topk_hits  # the per-query baseline, shared with bench_retrieval.py
 
     from fairseq_mmkd.retrieval import faiss_available, topk_accuracy
@@ -583,7 +580,8 @@ def bench_data(args) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from fairseq_mmkd.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset
+    from fairseq_mmkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from fairseq_mmkd.data.image import ImageListDataset
 
     torch.set_num_threads(1)  # one DataLoader worker
     baseline_tf = transforms.Compose([
@@ -772,7 +770,6 @@ def main(argv=None) -> int:
         print(f"[bench] GPU section of {output} updated from {args.gpu_md}")
         return 0
 
-    sys.path.insert(0, str(REPO))
     import torch
 
     command = "python scripts/bench.py" + "".join(" " + shlex.quote(a) for a in argv)

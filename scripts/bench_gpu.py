@@ -46,18 +46,16 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from fairseq_mmkd.d2v_model import D2vConfig, D2vModel  # noqa: E402
-from fairseq_mmkd.distill import Distiller  # noqa: E402
+from fairseq_mmkd.d2v.model import D2vConfig, D2vModel  # noqa: E402
+from fairseq_mmkd.distill.distiller import Distiller  # noqa: E402
 from fairseq_mmkd.encoders.image import ImageEncoderConfig  # noqa: E402
-from fairseq_mmkd.kd_loss import distillation_loss  # noqa: E402
+from fairseq_mmkd.losses.regression import distillation_loss  # noqa: E402
 from fairseq_mmkd.retrieval.evaluate import embed  # noqa: E402
 from fairseq_mmkd.retrieval.search import topk_accuracy  # noqa: E402
-from fairseq_mmkd.targets import TargetConfig  # noqa: E402
+from fairseq_mmkd.modules.targets import TargetConfig  # noqa: E402
 
 KD_VARIANTS = ("eager", "eager_forward", "compile_blocks", "compile_step", "naive")
 IN_PROCESS = ("eager", "eager_forward")
@@ -343,7 +341,7 @@ def run_kd(variant: str, s: Sizes, device: torch.device, backend: str, peak: dic
     params = [p for p in distiller.parameters() if p.requires_grad]
     opt, opt_kind = make_optimizer(params, device)
     if variant == "naive":  # runs in its own process: patching attention affects nothing else
-        from fairseq_mmkd import layers
+        from fairseq_mmkd.modules import layers
 
         layers.Attention.forward = manual_softmax_attention
         teacher = D2vModel(model_config(s)).to(device)

@@ -50,11 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 SCRIPTS = REPO / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -202,8 +198,8 @@ def make_teacher(path: Path, tiny: bool) -> dict:
     """A randomly initialised data2vec 2.0 image model at bench_gpu's sizes, in data2vec2's checkpoint format."""
     from bench_gpu import TINY as CORE_TINY, Sizes, model_config
 
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
-    from fairseq_mmkd.d2v_model import D2vModel
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
+    from fairseq_mmkd.d2v.model import D2vModel
 
     sizes = Sizes(**(CORE_TINY if tiny else {}))
     if not path.exists():
@@ -335,7 +331,7 @@ def bench_loader(args, paths: list, device_decode: bool, device: torch.device, t
     """The training DataLoader alone (fairseq's settings: pin_memory, the seed's workers), images/s."""
     from fairseq_mmkd.data.image_device import decode_batch
     from fairseq_mmkd.data.image import ImageListDataset
-    from fairseq_mmkd.kd_task import fit_workers
+    from fairseq_mmkd.tasks._checks import fit_workers
 
     plan = args.plan
     size = make_teacher.last["input_size"]

@@ -8,7 +8,7 @@ single-modality distillations run one after the other, all measured in the same 
     python scripts/bench_multimodal.py --from-json bench_multimodal.json --update-benchmarks BENCHMARKS.md
 
 On a GPU node without fairseq, install it from a wheelhouse first (``bash scripts/install_offline.sh .whl``,
-README) and run from the repo root with ``PYTHONPATH=$PWD``.
+docs/install.md) and run from the repo root with ``PYTHONPATH=$PWD``.
 
 ``--size demo``: the data and teachers of ``scripts/demo.sh --modality all`` (three random data2vec2 teachers of
 one width, 4 blocks each; a 2-block student), written into ``--data`` (kept, and reused on the next run); each
@@ -42,7 +42,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 COMMON = ["task.retrieval=false", "dataset.disable_validation=true", "checkpoint.no_save=true",
           "checkpoint.best_checkpoint_metric=loss", "checkpoint.maximize_best_checkpoint_metric=false",

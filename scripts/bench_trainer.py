@@ -28,9 +28,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -51,7 +48,7 @@ class KernelCount(TorchDispatchMode):
 
 
 def student_parameters(depth: int):
-    from fairseq_mmkd.d2v_model import D2vConfig
+    from fairseq_mmkd.d2v.model import D2vConfig
 
     cfg = D2vConfig(embed_dim=768, depth=10, num_heads=12)
     torch.manual_seed(0)
@@ -63,7 +60,7 @@ def build(kind: str, params):
     import fairseq_mmkd  # noqa: F401  (registers torch_adamw)
     from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
-    from fairseq_mmkd.optim import TorchAdamW, TorchAdamWConfig
+    from fairseq_mmkd.optim.torch_adamw import TorchAdamW, TorchAdamWConfig
 
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     kw = dict(adam_betas="(0.9, 0.98)", adam_eps=1e-6, weight_decay=0.01, lr=[5e-4])  # the seed config's
@@ -111,7 +108,7 @@ def bench_optimizer(reps: int, depth: int) -> dict:
 
 def bench_fairseq(rounds: int, updates: int, warmup: int) -> dict:
     from bench_gpu_e2e import parse_log
-    from conftest import make_teacher, write_photos
+    from fairseq_mmkd.testing.fixtures import make_teacher, write_photos
 
     out = {"adam": [], "torch_adamw": []}
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:

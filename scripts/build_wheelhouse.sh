@@ -18,7 +18,7 @@
 #     criterions, so scikit-learn and scipy are needed although nothing here uses them), with their own
 #     dependencies: see REQUIREMENTS below. torch is never included; torchvision (version matching torch)
 #     is, unless the node has it. faiss is left out: retrieval then uses its exact pure-torch search
-#     (identical results; see README).
+#     (identical results; see docs/install.md).
 # --node-freeze FILE (the output of `python3 -m pip freeze` or `pip list --format=freeze` on the node, or
 # one package name per line) drops every wheel whose package the node already has, so only what is
 # missing travels; --skip "a,b" does the same by name.

@@ -1,8 +1,8 @@
-"""Generate README's configuration reference from the plugin's dataclasses, so the two cannot drift.
+"""Generate docs/configuration.md from the plugin's dataclasses, so the two cannot drift.
 
     python scripts/config_reference.py            # print the reference (markdown)
-    python scripts/config_reference.py --write    # replace the block between the markers in README.md
-    python scripts/config_reference.py --check    # exit 1 if README.md is out of date (used by the tests)
+    python scripts/config_reference.py --write    # replace the block between the markers in docs/configuration.md
+    python scripts/config_reference.py --check    # exit 1 if docs/configuration.md is out of date (used by the tests)
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-if str(REPO) not in sys.path:  # document this checkout's plugin, not another installed copy
-    sys.path.insert(0, str(REPO))
+DOC = REPO / "docs" / "configuration.md"
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
@@ -32,12 +30,18 @@ def _default(f) -> str:
 
 
 def reference() -> str:
-    from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
-    from fairseq_mmkd.kd_model import D2vKDModelConfig
-    from fairseq_mmkd.kd_task import D2vKDTaskConfig
-    from fairseq_mmkd.optim import TorchAdamWConfig
+    from fairseq_mmkd.criterions.d2v_kd import D2vKDCriterionConfig
+    from fairseq_mmkd.models.d2v_kd import D2vKDModelConfig
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTaskConfig
+    from fairseq_mmkd.optim.torch_adamw import TorchAdamWConfig
 
-    from fairseq_mmkd.kd_multimodal import D2vKDMultimodalModelConfig, _MultimodalFields
+    from fairseq_mmkd.criterions.d2v_kd_image_text import D2vKDImageTextCriterionConfig
+    from fairseq_mmkd.models.d2v_kd_image_text import D2vKDImageTextModelConfig
+    from fairseq_mmkd.models.d2v_kd_multimodal import D2vKDMultimodalModelConfig
+    from fairseq_mmkd.tasks.d2v_kd_image_text import D2vKDImageTextTaskConfig, _PairFields
+    from fairseq_mmkd.tasks.d2v_kd_multimodal import D2vKDMultimodalTaskConfig, _MultimodalFields
+
+    criterion_fields = {f.name for f in dataclasses.fields(D2vKDCriterionConfig)}
 
     out = []
     for section, name, cls, note in (
@@ -46,13 +50,20 @@ def reference() -> str:
             ("optimizer", "torch_adamw", TorchAdamWConfig, ""),
             ("task", "d2v_kd_multimodal", _MultimodalFields,
              ": these, then every field of `d2v_kd`'s task but `data`, `retrieval_folder` and `retrieval_examples`"),
-            ("model", "d2v_kd_multimodal", D2vKDMultimodalModelConfig, "")):
-        module = "fairseq_mmkd.kd_multimodal.D2vKDMultimodalTaskConfig" if cls is _MultimodalFields else \
-            f"{cls.__module__}.{cls.__name__}"
+            ("model", "d2v_kd_multimodal", D2vKDMultimodalModelConfig, ""),
+            ("task", "d2v_kd_image_text", _PairFields,
+             ": these, then every field of `d2v_kd`'s task but `data` and the text and audio data fields"),
+            ("model", "d2v_kd_image_text", D2vKDImageTextModelConfig, ""),
+            ("criterion", "d2v_kd_image_text", D2vKDImageTextCriterionConfig,
+             ": these, then every field of `d2v_kd`'s criterion")):
+        shown = {_MultimodalFields: D2vKDMultimodalTaskConfig, _PairFields: D2vKDImageTextTaskConfig}.get(cls, cls)
+        module = f"{shown.__module__}.{shown.__name__}"
         out += [f"**`{section}`** (`_name: {name}`, `{module}`){note}", "",
                 "| option | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.name.startswith("_") or (section == "optimizer" and f.name == "lr"):  # lr: optimization.lr
+                continue
+            if cls is D2vKDImageTextCriterionConfig and f.name in criterion_fields:
                 continue
             meaning = (f.metadata.get("help") or f.metadata.get("doc", "")).replace("|", "\\|").replace("\n", " ")
             out.append(f"| `{section}.{f.name}` | {_default(f)} | {meaning} |")
@@ -60,7 +71,7 @@ def reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def readme_block(text: str) -> str:
+def doc_block(text: str) -> str:
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     return text[start:end].strip("\n") + "\n"
 
@@ -74,15 +85,15 @@ def main(argv=None) -> int:
     if not (args.write or args.check):
         print(ref, end="")
         return 0
-    text = README.read_text()
+    text = DOC.read_text()
     if args.check:
-        if readme_block(text) != ref:
-            print("README.md configuration reference is out of date: run python scripts/config_reference.py --write",
+        if doc_block(text) != ref:
+            print("docs/configuration.md is out of date: run python scripts/config_reference.py --write",
                   file=sys.stderr)
             return 1
         return 0
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    README.write_text(text[:start] + "\n" + ref + text[end:])
+    DOC.write_text(text[:start] + "\n" + ref + text[end:])
     return 0
 
 

@@ -42,6 +42,7 @@ BASE_SEQUENCE_TEACHER = dict(embed_dim=768, num_heads=12, depth=12, text_positio
                              audio_conv="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2",
                              conv_pos=dict(conv_pos_width=95, conv_pos_depth=5, conv_pos_groups=16))
 MODALITIES = ("image", "text", "audio")
+CHOICES = MODALITIES + ("all", "image-text")
 UNITS = {"image": "images/s", "text": "tokens/s", "audio": "samples/s"}
 
 
@@ -117,8 +118,8 @@ def write_random_teacher(path, seed: int = 0, arch: dict = DEMO_TEACHER) -> None
     import torch
 
     from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
-    from fairseq_mmkd.distill import init_random_
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
+    from fairseq_mmkd.distill.distiller import init_random_
     from fairseq_mmkd.encoders.image import ImageEncoderConfig
 
     t = arch
@@ -194,8 +195,8 @@ def write_random_sequence_teacher(path, modality: str, vocab_size: int | None, s
     import torch
 
     from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
-    from fairseq_mmkd.distill import init_random_
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
+    from fairseq_mmkd.distill.distiller import init_random_
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.encoders.text import TextEncoderConfig
 
@@ -331,7 +332,7 @@ def report(out: Path, seconds: float, random_teacher: bool, modality: str = "ima
 def report_all(out: Path, seconds: float) -> int:
     """The multimodal demo's table: per modality, teacher vs student retrieval, then sizes, speed and losses."""
     from fairseq_mmkd import load_d2v
-    from fairseq_mmkd.retrieval.image_folder import folder_set_name
+    from fairseq_mmkd.retrieval.sets.image_folder import folder_set_name
 
     run = read_run(out)
     if run is None:
@@ -384,20 +385,27 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare")
     a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--modality", choices=MODALITIES + ("all",), default="image")
+    a.add_argument("--modality", choices=CHOICES, default="image")
     a.add_argument("--teacher", default=None)
     a.add_argument("--train-per-photo", type=int, default=40)
     a.add_argument("--retrieval-train", type=int, default=30)
     a.add_argument("--retrieval-test", type=int, default=10)
     b = sub.add_parser("report")
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--modality", choices=MODALITIES + ("all",), default="image")
+    b.add_argument("--modality", choices=CHOICES, default="image")
     b.add_argument("--seconds", type=float, default=0.0)
     b.add_argument("--random-teacher", type=int, default=1)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         try:
-            if args.modality == "all":
+            if args.modality == "image-text":
+                if args.teacher:
+                    raise DemoError("--teacher names one teacher; --modality image-text distils the demo's random image "
+                                    "and text teachers (for your own, run kd_image_text as the README shows)")
+                from demo_image_text import prepare_image_text
+
+                found = prepare_image_text(args.out)
+            elif args.modality == "all":
                 if args.teacher:
                     raise DemoError("--teacher names one teacher; --modality all distils the demo's three random "
                                     "teachers (for your own, run kd_multimodal as the README shows)")
@@ -413,9 +421,12 @@ def main(argv=None) -> int:
         for k, v in found.items():
             print(f"{k}={shlex.quote(str(v))}")
         return 0
+    if args.modality == "image-text":
+        from demo_image_text import report_image_text
+
+        return report_image_text(args.out, args.seconds)
     return report(args.out, args.seconds, bool(args.random_teacher), args.modality)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_text.py, demo_audio.py
     sys.exit(main())

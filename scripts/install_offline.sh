@@ -110,7 +110,7 @@ start=$(date +%s)
 # ---- check ------------------------------------------------------------------------------------------
 check_dir=$(mktemp -d /tmp/mmkd_offline_check.XXXXXX)  # not the repo root: test the installed copies
 trap 'rm -f "$constraints"; rm -rf "$check_dir"' EXIT
-plugin_check="import fairseq_mmkd, fairseq_mmkd.kd_task; print('[install] fairseq_mmkd', fairseq_mmkd.__file__)"
+plugin_check="import fairseq_mmkd, fairseq_mmkd.tasks.d2v_kd; print('[install] fairseq_mmkd', fairseq_mmkd.__file__)"
 [[ $PLUGIN == 1 ]] || plugin_check="print('[install] plugin not installed (--no-plugin): use it from a checkout')"
 (cd "$check_dir" && "$PY" -c "
 import torch, fairseq, torchvision

@@ -52,7 +52,7 @@ def train(out: Path, prepared: dict, updates: int, *extra) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from fairseq_mmkd.checkpoint import load_d2v
+    from fairseq_mmkd.d2v.loading import load_d2v
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             "trained": train(out, prepared, args.updates, "model.optimize_gradient_free=true")}
     states = {k: torch.load(Path(v) / "checkpoint_last.pt", map_location="cpu", weights_only=True) for k, v in runs.items()}
     logs = {k: (Path(v) / "hydra" / "hydra_train.log").read_text() for k, v in runs.items()}
-    marker = "keep their initial values (README, architecture notes): "
+    marker = "keep their initial values (docs/architecture.md): "
     names = next(line.split(marker, 1)[1].strip().split(", ") for line in logs["frozen"].splitlines() if marker in line)
     teacher = load_d2v(prepared["TEACHER"]).blocks.state_dict()
     student_depth = 2  # preset=demo

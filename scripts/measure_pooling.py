@@ -15,7 +15,7 @@ audio teachers here get one, which the released audio models do not have).
 Random teachers are a weak proxy for a pretrained one: a random network's mean over positions is close to a
 bag of its input embeddings, which is already a decent topic signal, while a random first position only holds
 what random attention mixed into it. ``--trained-steps`` pretrains a small text teacher with fairseq's own
-data2vec 2.0 (``tests/fairseq_reference.py`` copies and patches ``examples/data2vec`` at run time) on the text
+data2vec 2.0 (``fairseq_mmkd/testing/fairseq_reference.py`` copies and patches ``examples/data2vec`` at run time) on the text
 demo's training corpus: still tiny and short, but trained with the real objective on real text.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def random_teacher(path: Path, modality: str, size: str, seed: int, vocab: int =
     import torch
 
     from fairseq_mmkd import D2vConfig, D2vModel
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.encoders.text import TextEncoderConfig
 
@@ -91,7 +91,7 @@ def random_teacher(path: Path, modality: str, size: str, seed: int, vocab: int =
 
 def evaluate(path: Path, folder: str, knn_k: int) -> dict:
     from fairseq_mmkd import load_d2v
-    from fairseq_mmkd.distill import block_features
+    from fairseq_mmkd.distill.distiller import block_features
     from fairseq_mmkd.retrieval import evaluate_retrieval, load_retrieval_folder, teacher_facts
 
     model = load_d2v(path)
@@ -119,8 +119,7 @@ def trained_text_teacher(path: Path, data_bin: str, steps: int, seed: int = 0, l
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
-    import fairseq_reference as ref
+    from fairseq_mmkd.testing import fairseq_reference as ref
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
@@ -163,7 +162,6 @@ def trained_text_teacher(path: Path, data_bin: str, steps: int, seed: int = 0, l
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "scripts"))
     import torch
 
     from demo_audio import prepare_audio

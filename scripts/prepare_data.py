@@ -42,8 +42,7 @@ def download(root: Path, remove_archives: bool) -> None:
 
 def verify(root: Path) -> None:
     """Read the first images back through the loader that training and the evaluator use."""
-    sys.path.insert(0, str(REPO))
-    from fairseq_mmkd.retrieval.cifar import load_cifar
+    from fairseq_mmkd.retrieval.sets.cifar import load_cifar
 
     for name in ("cifar10", "cifar100"):
         data = load_cifar(root, name, limit=8)

@@ -17,8 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = ("fairseq", "faiss", "omegaconf", "hydra")
-CORE_MODULES = ("fairseq_mmkd.d2v_model", "fairseq_mmkd.layers", "fairseq_mmkd.distill", "fairseq_mmkd.kd_loss",
-                "fairseq_mmkd.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search",
+CORE_MODULES = ("fairseq_mmkd.d2v.model", "fairseq_mmkd.modules.layers", "fairseq_mmkd.distill.distiller",
+                "fairseq_mmkd.losses.regression", "fairseq_mmkd.modules.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search",
                 "fairseq_mmkd.retrieval.knn", "fairseq_mmkd.retrieval.linear")
 
 

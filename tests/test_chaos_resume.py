@@ -8,7 +8,7 @@ end-of-epoch save that file is ``checkpoint_last.pt`` itself. At an interval sav
 ``checkpoint_E_U.pt``, and ``checkpoint_best.pt`` / ``checkpoint_last.pt`` are then *copied* from it with
 ``PathManager.copy`` = ``shutil.copyfile``, in place: a kill during that copy leaves a truncated
 ``checkpoint_last.pt`` and every restart fails to load it. The plugin makes that copy atomic
-(``fairseq_mmkd.guards.install_checkpoint_file_guards``); ``test_checkpoint_copy_is_atomic`` shows both
+(``fairseq_mmkd.runtime.guards.install_checkpoint_file_guards``); ``test_checkpoint_copy_is_atomic`` shows both
 behaviours. The plugin also writes the first file itself (same ``.tmp`` + rename, plus an fsync) so that a
 failed write can be cleaned up (``tests/test_save_dir.py``).
 
@@ -279,7 +279,7 @@ def test_partial_checkpoints_are_removed_when_a_run_starts(tmp_path):
     """Cleaned up once the new run holds the folder's lock (never while another run might be writing them)."""
     from omegaconf import OmegaConf
 
-    from fairseq_mmkd import save_dir
+    from fairseq_mmkd.runtime import save_dir
 
     (tmp_path / "checkpoint_last.pt.tmp").write_bytes(b"half")
     (tmp_path / "checkpoint_3_12.pt.tmp").write_bytes(b"half")

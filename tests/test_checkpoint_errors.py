@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fairseq_mmkd import CheckpointError, load_d2v_image, read_checkpoint
-from fairseq_reference import write_classifier_checkpoint, write_reference_checkpoint
+from fairseq_mmkd.testing.fairseq_reference import write_classifier_checkpoint, write_reference_checkpoint
 
 AUDIO = {  # a small data2vec 2.0 speech model
     "supported_modality": "AUDIO",

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fairseq_mmkd.retrieval import (RetrievalDataError, RetrievalSet, load_cifar, load_image_folder_pair,
-                                    write_cifar)
+from fairseq_mmkd.retrieval import RetrievalDataError, RetrievalSet, load_cifar, load_image_folder_pair, write_cifar
 
 CLASSES = {"cifar10": 10, "cifar100": 100}
 

@@ -120,8 +120,8 @@ def test_unwritable_save_dir(tmp_path, tiny_teacher, photo_folder, hydra_dir_els
 
 
 def build_model(photos, **model_fields):
-    from fairseq_mmkd.kd_model import D2vKDModelConfig
-    from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+    from fairseq_mmkd.models.d2v_kd import D2vKDModelConfig
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTask, D2vKDTaskConfig
 
     task = D2vKDTask.setup_task(D2vKDTaskConfig(data=str(photos), retrieval=False))
     cfg = OmegaConf.structured(D2vKDModelConfig(_name="d2v_kd", **model_fields))
@@ -183,7 +183,7 @@ def test_ema_teacher_requested_from_a_file_without_ema(tmp_path, tiny_teacher, p
     (dict(retrieval_layer=1), "task.retrieval_layer=1: use -1 for the last block or -k for the k-th from last"),
 ])
 def test_bad_knn_or_layer_settings_stop_before_the_teacher_loads(photo_folder, fields, message):
-    from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTask, D2vKDTaskConfig
 
     with pytest.raises(ValueError) as info:
         D2vKDTask.setup_task(D2vKDTaskConfig(data=str(photo_folder), retrieval=False, **fields))
@@ -199,8 +199,8 @@ def test_bad_knn_or_layer_settings_stop_before_the_teacher_loads(photo_folder, f
 ])
 def test_retrieval_settings_the_model_cannot_serve_stop_before_training(tmp_path, photo_folder, tiny_cifar, fields,
                                                                         teacher_fields, message):
-    from fairseq_mmkd.kd_model import D2vKDModelConfig
-    from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+    from fairseq_mmkd.models.d2v_kd import D2vKDModelConfig
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTask, D2vKDTaskConfig
 
     student_depth = teacher_fields.pop("student_depth", 2)
     teacher = make_teacher(tmp_path / "teacher.pt", **teacher_fields)

@@ -24,7 +24,8 @@ from PIL import Image, ImageFilter
 
 from fairseq_mmkd.data import image_device as device_decode
 from fairseq_mmkd.data.image_device import EncodedBatch, decode_batch, device_decodable_header, orient
-from fairseq_mmkd.data.image import (IMAGENET_STD, ImageListDataset, random_resized_crop_box)
+from fairseq_mmkd.data.transforms import IMAGENET_STD, random_resized_crop_box
+from fairseq_mmkd.data.image import ImageListDataset
 
 S = 48  # min_short_side 250 px: files with a shorter side of 500 px or more take the CPU path
 

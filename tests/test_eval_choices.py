@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fairseq_mmkd import D2vConfig, D2vModel
-from fairseq_mmkd.distill import Distiller, block_features
+from fairseq_mmkd.distill.distiller import Distiller, block_features
 from fairseq_mmkd.encoders.image import ImageEncoderConfig
-from fairseq_mmkd.retrieval import (RetrievalSet, evaluate_retrieval, pool_features, standardize_embeddings)
+from fairseq_mmkd.retrieval import RetrievalSet, evaluate_retrieval, pool_features, standardize_embeddings
 
 from test_knn import digit_images, pixels_as_cls
 from test_retrieval_eval import colour_set

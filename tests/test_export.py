@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fairseq_mmkd
-from fairseq_mmkd.kd_model import load_student
+from fairseq_mmkd.models._student import load_student
 
 from conftest import REPO, hydra_train
 
@@ -42,7 +42,7 @@ def test_export_round_trip_gives_identical_outputs(student_checkpoint, tmp_path)
 
 def test_exported_checkpoint_is_a_valid_data2vec_multi_model_for_fairseq(student_checkpoint, tmp_path):
     """fairseq's own data2vec2 code (patched copy) validates the cfg, builds the model and loads the weights."""
-    from fairseq_reference import fairseq_load_checkpoint
+    from fairseq_mmkd.testing.fairseq_reference import fairseq_load_checkpoint
 
     from fairseq_mmkd.export import export_student
 

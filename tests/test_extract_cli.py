@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fairseq_mmkd.extract import main
-from fairseq_reference import reference_outputs, write_reference_checkpoint
+from fairseq_mmkd.testing.fairseq_reference import reference_outputs, write_reference_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -119,7 +119,7 @@ def test_bad_input_is_one_error_line(teacher, tmp_path, capsys, problem):
 @pytest.fixture(scope="module")
 def text_audio(tmp_path_factory):
     """Fairseq-written text and audio checkpoints (never seen by the plugin before), their models and inputs."""
-    import fairseq_reference as ref
+    from fairseq_mmkd.testing import fairseq_reference as ref
 
     root = tmp_path_factory.mktemp("extract_text_audio")
     out = {}

@@ -37,8 +37,9 @@ def registered():
 
 def test_the_plugin_registers_its_components():
     assert {(r, n) for r, n, _ in registered()} == {
-        ("task", "d2v_kd"), ("task", "d2v_kd_multimodal"), ("model", "d2v_kd"), ("model", "d2v_kd_multimodal"),
-        ("criterion", "d2v_kd"), ("criterion", "d2v_kd_multimodal"), ("optimizer", "torch_adamw")}
+        ("task", "d2v_kd"), ("task", "d2v_kd_multimodal"), ("task", "d2v_kd_image_text"), ("model", "d2v_kd"),
+        ("model", "d2v_kd_multimodal"), ("model", "d2v_kd_image_text"), ("criterion", "d2v_kd"),
+        ("criterion", "d2v_kd_multimodal"), ("criterion", "d2v_kd_image_text"), ("optimizer", "torch_adamw")}
 
 
 @pytest.mark.parametrize("registry,name,dataclass", registered(), ids=lambda x: getattr(x, "__name__", str(x)))
@@ -85,14 +86,14 @@ def test_training_flags_become_the_plugins_config(task, arch):
     if task == "d2v_kd":
         assert cfg.task.data == "photos" and cfg.model.teacher_checkpoint == "t.pt"
     else:
-        from fairseq_mmkd.kd_multimodal import parse_modality_weights
+        from fairseq_mmkd.tasks.d2v_kd_multimodal import parse_modality_weights
 
         assert parse_modality_weights(cfg.task.modality_weights) == {"image": 1.0, "text": 0.5}
         assert cfg.model.image_teacher == "t.pt" and cfg.task.image_data == "photos"
 
 
 def test_modality_weights_that_are_not_a_mapping_are_one_line():
-    from fairseq_mmkd.kd_multimodal import parse_modality_weights
+    from fairseq_mmkd.tasks.d2v_kd_multimodal import parse_modality_weights
 
     assert parse_modality_weights({"text": 2}) == {"text": 2} and parse_modality_weights("") == {}
     with pytest.raises(ValueError, match=r"must map modalities to weights, e.g. \{'image': 1"):
@@ -189,7 +190,7 @@ def test_fairseq_train_with_flags_trains_exactly_as_fairseq_hydra_train(hydra_ru
     assert_same_losses(hydra_log, log)
     va, vb = (json_log_lines(t, "valid")[-1] for t in (hydra_log, log))
     assert {k: v for k, v in va.items() if "cifar" in k} == {k: v for k, v in vb.items() if "cifar" in k}
-    from fairseq_mmkd.optim import _betas
+    from fairseq_mmkd.optim.torch_adamw import _betas
 
     for key in ("task", "model", "criterion", "optimizer"):  # the same configuration, as fairseq stored it
         stored = [{k: _betas(v) if k == "adam_betas" else v for k, v in run["cfg"][key].items() if k != "save_dir"}
@@ -263,7 +264,7 @@ def average_checkpoints(paths) -> dict:
 
 
 def test_averaged_checkpoints_load_evaluate_and_resume(hydra_run, tiny_cifar, tiny_teacher, photo_folder, tmp_path):
-    from fairseq_mmkd.kd_model import load_student
+    from fairseq_mmkd.models._student import load_student
 
     save, _ = hydra_run
     intervals = sorted(save.glob("checkpoint_*_*.pt"))
@@ -315,14 +316,15 @@ def test_multimodal_runs_through_fairseq_train_and_fairseq_validate(tmp_path, se
 
 
 def test_readmes_fairseq_train_command_is_the_seed_config():
-    """The README's fairseq-train line parses with fairseq's own parser into the values of config/kd_image.yaml."""
+    """The documented fairseq-train line (docs/tools.md, "fairseq's own tools") parses with fairseq's own parser
+    into the values of config/kd_image.yaml."""
     import shlex
 
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "tools.md").read_text()
     block = text[text.index("\nfairseq-train IMAGES"):]
     command = block[:block.index("\n#")].replace("\\\n", " ")
     argv = shlex.split(command)[1:]
@@ -337,7 +339,7 @@ def test_readmes_fairseq_train_command_is_the_seed_config():
                                  "distributed_training", "model", "task", "criterion") if key in seed.get(g, {}).keys())
         expected, got = OmegaConf.select(seed, f"{group}.{key}"), cfg[group][key]
         if key == "adam_betas":
-            from fairseq_mmkd.optim import _betas
+            from fairseq_mmkd.optim.torch_adamw import _betas
 
             expected, got = _betas(expected), _betas(got)
         if isinstance(expected, str) and expected.startswith("${") or key in ("save_dir", "teacher_checkpoint",
@@ -358,9 +360,10 @@ def setup_py_requirements() -> list:
 
 
 def test_installing_the_plugin_picks_the_tested_versions_that_fairseq_accepts():
-    """README's "Install into your own environment": the plugin's requirements admit the versions pinned in
-    requirements/ and, where fairseq-fixed pins a version, only that one, so pip installs nothing fairseq's
-    metadata refuses; fairseq-fixed goes in last with --no-deps (pip then runs no conflict check)."""
+    """docs/install.md's "Install into your own environment" (and README's copy of its pip lines): the plugin's
+    requirements admit the versions pinned in requirements/ and, where fairseq-fixed pins a version, only that
+    one, so pip installs nothing fairseq's metadata refuses; fairseq-fixed goes in last with --no-deps (pip then
+    runs no conflict check)."""
     from importlib.metadata import requires
 
     from packaging.requirements import Requirement
@@ -379,9 +382,13 @@ def test_installing_the_plugin_picks_the_tested_versions_that_fairseq_accepts():
             assert [s.operator for s in r.specifier] == ["=="] and r.specifier.contains(pinned[0]), (name, pinned)
         if name in theirs:
             assert theirs[name].specifier.contains(tested[name]), name
-    readme = (REPO / "README.md").read_text()
-    block = readme[readme.index("## Install into your own environment"):]
-    block = block[:block.index("```\n\n")]
-    lines = [line for line in block.splitlines() if line.startswith("pip install")]
+    def pip_lines(path, heading):
+        text = path.read_text()
+        block = text[text.index(heading):]
+        block = block[:block.index("```\n\n")]
+        return [line for line in block.splitlines() if line.startswith("pip install")]
+
+    lines = pip_lines(REPO / "docs" / "install.md", "# Install into your own environment")
     assert lines[-1].startswith("pip install --no-deps --no-build-isolation fairseq-fixed==0.12.3.1"), lines
     assert any(line.startswith("pip install -e .") for line in lines[:-1])
+    assert pip_lines(REPO / "README.md", "\n## Install\n") == lines  # the front door shows the same lines

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
-from fairseq_mmkd.distill import Distiller, gradient_free_parameters
+from fairseq_mmkd.distill.distiller import Distiller, gradient_free_parameters
 from fairseq_mmkd.encoders.image import ImageEncoderConfig
 from fairseq_mmkd.encoders.text import TextEncoderConfig
-from fairseq_mmkd.multimodal import MultimodalDistiller
+from fairseq_mmkd.distill.multimodal import MultimodalDistiller
 
 RELATIVE_ZERO = 1e-13
 

@@ -17,8 +17,9 @@ from PIL import Image, ImageFile, ImageFilter
 from torchvision import transforms as T
 
 from fairseq_mmkd.data import image as image_data
-from fairseq_mmkd.data.image import (IMAGENET_MEAN, IMAGENET_STD, ImageDataError, ImageListDataset,
-                                     UnreadableImageError, collate, find_images, load_rgb, probe_images)
+from fairseq_mmkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fairseq_mmkd.data.image import (ImageDataError, ImageListDataset, UnreadableImageError, collate, find_images,
+                                     load_rgb, probe_images)
 
 S = 32  # output side used throughout: small keeps the suite fast
 

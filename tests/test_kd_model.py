@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fairseq_mmkd  # noqa: F401  (registers the plugin)
-from fairseq_mmkd.distill import teacher_block_indices
-from fairseq_mmkd.kd_loss import distillation_loss
-from fairseq_mmkd.targets import TargetConfig
+from fairseq_mmkd.distill.distiller import teacher_block_indices
+from fairseq_mmkd.losses.regression import distillation_loss
+from fairseq_mmkd.modules.targets import TargetConfig
 
 from conftest import make_teacher
 
@@ -17,8 +17,8 @@ def build(teacher_path, **model_overrides):
     from fairseq.criterions import build_criterion
     from omegaconf import OmegaConf
 
-    from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig
-    from fairseq_mmkd.kd_model import D2vKDModelConfig
+    from fairseq_mmkd.criterions.d2v_kd import D2vKDCriterionConfig
+    from fairseq_mmkd.models.d2v_kd import D2vKDModelConfig
 
     model_overrides.setdefault("student_depth", 2)  # the tiny teacher has 4 shared blocks
     cfg = OmegaConf.structured(D2vKDModelConfig(teacher_checkpoint=str(teacher_path), **model_overrides))
@@ -113,7 +113,7 @@ def test_loss_is_the_mse_over_all_regressed_timesteps(tiny_teacher, prediction, 
     tokens = 17 if include_extra_tokens else 16
     assert result["sample_size"] == 3 * tokens * 32
     n = 0 if include_extra_tokens else 1
-    from fairseq_mmkd.targets import make_targets
+    from fairseq_mmkd.modules.targets import make_targets
 
     y = make_targets([t[:, n:] for t in out["teacher_layer_results"]], cfg)
     if prediction == "head":
@@ -125,7 +125,7 @@ def test_loss_is_the_mse_over_all_regressed_timesteps(tiny_teacher, prediction, 
 
 
 def test_criterion_target_overrides_replace_the_teachers_settings(tiny_teacher):
-    from fairseq_mmkd.kd_criterion import D2vKDCriterionConfig, resolve_target_config
+    from fairseq_mmkd.criterions.d2v_kd import D2vKDCriterionConfig, resolve_target_config
 
     teacher = TargetConfig(average_top_k_layers=3, instance_norm_target_layer=True, layer_norm_targets=True)
     assert resolve_target_config(D2vKDCriterionConfig(), teacher) == teacher
@@ -171,7 +171,7 @@ def test_model_compile_switch_keeps_the_loss_and_gradients(tiny_teacher, monkeyp
 def test_gradient_free_parameters_leave_training_unless_kept(tiny_teacher, optimize_gradient_free):
     """Between building the criterion and the optimizer (what the task's build_criterion does), the tensors the
     loss gives no gradient stop requiring one; model.optimize_gradient_free=true keeps them, as before."""
-    from fairseq_mmkd.kd_task import freeze_gradient_free
+    from fairseq_mmkd.tasks._checks import freeze_gradient_free
 
     model, criterion = build(tiny_teacher, optimize_gradient_free=optimize_gradient_free)
     freeze_gradient_free(model, criterion)

@@ -8,7 +8,7 @@ import pytest
     (16, 1, 12, 12), (2, 1, 12, 1), (32, 8, 12, 3), (2, 1, 0, 0), (1, 1, 4, 0)])
 def test_data_workers_are_sized_to_the_cores_of_each_training_process(monkeypatch, cores, local_world,
                                                                       requested, expected):
-    from fairseq_mmkd.kd_task import fit_workers
+    from fairseq_mmkd.tasks._checks import fit_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
@@ -19,7 +19,8 @@ def test_a_user_retrieval_folder_becomes_a_metric_prefix(tmp_path):
     """task.retrieval_folder: a labelled train/ + test/ ImageFolder pair, named after its folder."""
     from PIL import Image
 
-    from fairseq_mmkd.kd_task import D2vKDTaskConfig, load_retrieval_sets
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTaskConfig
+    from fairseq_mmkd.tasks._retrieval import load_retrieval_sets
 
     root = tmp_path / "my.photos-v2"
     for split, n in (("train", 3), ("test", 2)):
@@ -36,7 +37,8 @@ def test_a_user_retrieval_folder_becomes_a_metric_prefix(tmp_path):
 
 
 def test_retrieval_on_without_any_retrieval_data_is_refused():
-    from fairseq_mmkd.kd_task import D2vKDTaskConfig, load_retrieval_sets
+    from fairseq_mmkd.tasks.d2v_kd import D2vKDTaskConfig
+    from fairseq_mmkd.tasks._retrieval import load_retrieval_sets
 
     with pytest.raises(ValueError, match="task.retrieval=false"):
         load_retrieval_sets(D2vKDTaskConfig())

@@ -128,7 +128,7 @@ def test_trained_checkpoint_loads_for_inference_without_the_teacher_file(trained
     import fairseq_mmkd  # noqa: F401  (fairseq's loader does not import the user dir itself)
     from fairseq import checkpoint_utils
 
-    from fairseq_mmkd.kd_model import load_student
+    from fairseq_mmkd.models._student import load_student
 
     teacher_gone = tmp_path / "gone.pt"  # the path recorded in the checkpoint no longer exists
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)

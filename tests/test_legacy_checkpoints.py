@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 def test_legacy_checkpoint_loads_with_the_features_it_had(name):
     """Float32 through the frozen encoder and two student blocks on another CPU or kernel rounds differently by
     ~1e-6 on features of order 1 (LayerNorm outputs); 1e-5 allows ten times that."""
-    from fairseq_mmkd.kd_model import load_student
+    from fairseq_mmkd.models._student import load_student
 
     model = load_student(LEGACY / f"{name}_checkpoint_5.pt")
     model = model.modality_model(RUNS[name]) if RUNS[name] else model

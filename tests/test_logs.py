@@ -126,7 +126,7 @@ def test_filters_hide_only_the_known_messages():
                                                     ("true", False, True), (True, False, True),
                                                     ("false", True, False), (False, True, False)])
 def test_retrieval_progress_setting(monkeypatch, setting, terminal, shown):
-    from fairseq_mmkd.kd_task import retrieval_progress
+    from fairseq_mmkd.tasks._retrieval import retrieval_progress
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     monkeypatch.setenv("TERM", "xterm")
@@ -134,7 +134,7 @@ def test_retrieval_progress_setting(monkeypatch, setting, terminal, shown):
 
 
 def test_retrieval_progress_rejects_other_values():
-    from fairseq_mmkd.kd_task import retrieval_progress
+    from fairseq_mmkd.tasks._retrieval import retrieval_progress
 
     with pytest.raises(ValueError, match=r"task.retrieval_progress='sometimes': use auto .*, true or false"):
         retrieval_progress("sometimes")

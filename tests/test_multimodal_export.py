@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fairseq_mmkd import CheckpointError, load_d2v
-from fairseq_mmkd.kd_model import load_student
+from fairseq_mmkd.models._student import load_student
 
 from conftest import REPO, dictionary_size, hydra_train, make_teacher
 
@@ -92,7 +92,7 @@ def student_features(student, modality, source, padding_mask):
 def fairseq_model_of(path):
     """fairseq's own loader (``from_checkpoint=True``), with data2vec2's ``multimodal_pretraining`` task registered
     (fairseq keeps it in ``examples/data2vec/tasks/multimodal.py``, which its package ``__init__`` leaves out)."""
-    from fairseq_reference import fairseq_load_checkpoint, import_reference
+    from fairseq_mmkd.testing.fairseq_reference import fairseq_load_checkpoint, import_reference
 
     import_reference()
     importlib.import_module("examples.data2vec.tasks.multimodal")
@@ -295,8 +295,8 @@ def test_per_layer_alibi_scales_follow_the_student_blocks_into_the_export(tmp_pa
     """An audio student whose blocks use the ALiBi scales of teacher layers 0 and 2 exports a file whose blocks 0 and 1
     get exactly those (fairseq's own code included)."""
     from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
-    from fairseq_mmkd.distill import Distiller
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
+    from fairseq_mmkd.distill.distiller import Distiller
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.export import student_as_d2v
 

@@ -1,4 +1,4 @@
-"""Numerical guards (``fairseq_mmkd.guards``): NaN/inf updates are skipped and counted, too many in a row stop
+"""Numerical guards (``fairseq_mmkd.runtime.guards``): NaN/inf updates are skipped and counted, too many in a row stop
 the run with a message naming the likely cause, and a collapsing student gets a warning.
 
 Most tests drive a real ``fairseq.trainer.Trainer`` in-process, configured exactly as
@@ -98,7 +98,7 @@ def test_nonfinite_targets_skip_the_update_and_are_counted(tmp_path, tiny_teache
     step(trainer, batches[0])  # a real update first, so the optimizer has state to keep
     params, adam = trainable(trainer), adam_state(trainer)
     restore = nan_teacher(trainer)
-    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.guards"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.runtime.guards"):
         agg = step(trainer, batches[1])
     restore()
 
@@ -122,7 +122,7 @@ def test_nonfinite_gradients_with_a_finite_loss_are_skipped(tmp_path, tiny_teach
     params = trainable(trainer)
     p = trainer.model.distiller.student_blocks[0].mlp.fc1.weight
     hook = p.register_hook(lambda g: g * math.inf)  # overflow in the backward pass only
-    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.guards"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.runtime.guards"):
         agg = step(trainer, batches[0])
     hook.remove()
     assert agg["nonfinite_skipped"].sum == 1
@@ -131,7 +131,7 @@ def test_nonfinite_gradients_with_a_finite_loss_are_skipped(tmp_path, tiny_teach
 
 
 def test_consecutive_nonfinite_updates_stop_the_run_naming_the_likely_cause(tmp_path, tiny_teacher, photo_folder):
-    from fairseq_mmkd.guards import NonFiniteTrainingError
+    from fairseq_mmkd.runtime.guards import NonFiniteTrainingError
 
     trainer, batches = make_trainer(tmp_path, tiny_teacher, photo_folder, "++criterion.max_consecutive_nonfinite=3")
     step(trainer, batches[0])
@@ -151,7 +151,7 @@ def test_consecutive_nonfinite_updates_stop_the_run_naming_the_likely_cause(tmp_
 def test_collapse_is_a_warning_not_a_stop(tmp_path, tiny_teacher, photo_folder, caplog):
     trainer, batches = make_trainer(tmp_path, tiny_teacher, photo_folder, "++criterion.min_pred_var=1e9")
     params = trainable(trainer)
-    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.guards"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mmkd.runtime.guards"):
         step(trainer, batches[0])
         step(trainer, batches[1])
     warnings = [r for r in caplog.records if "min_pred_var" in r.getMessage()]
@@ -173,7 +173,7 @@ def _guard_worker(rank, port, finite_rank, queue):
     """One of two gloo workers: every rank but ``finite_rank`` sees a NaN loss."""
     import torch.distributed as dist
 
-    from fairseq_mmkd.guards import TrainingGuard
+    from fairseq_mmkd.runtime.guards import TrainingGuard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -2,7 +2,7 @@
 
 ``scripts/install_offline.sh --dry-run`` probes the node and prints the pip commands it would run; the real
 build and install (a ~100 MB wheelhouse, a fresh Python 3.12 venv with torch 2.11, a training run) is
-recorded in README.md and BENCHMARKS.md, being far too slow for the suite.
+recorded in docs/install.md and BENCHMARKS.md, being far too slow for the suite.
 """
 import json
 import subprocess

@@ -7,7 +7,7 @@ from fairseq import utils
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 import fairseq_mmkd  # noqa: F401  (registers torch_adamw)
-from fairseq_mmkd.optim import TorchAdamW, TorchAdamWConfig
+from fairseq_mmkd.optim.torch_adamw import TorchAdamW, TorchAdamWConfig
 
 
 def _params(seed=0):

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig, make_targets
-from fairseq_mmkd import layers
-from fairseq_mmkd.distill import Distiller
+from fairseq_mmkd.modules import layers
+from fairseq_mmkd.distill.distiller import Distiller
 from fairseq_mmkd.encoders.text import TextEncoderConfig
-from fairseq_mmkd.kd_loss import distillation_loss
-from fairseq_mmkd.layers import Attention, attention_mask
+from fairseq_mmkd.losses.regression import distillation_loss
+from fairseq_mmkd.modules.layers import Attention, attention_mask
 
 
 def manual_attention(attn: Attention, x, padding_mask=None, bias=None):

@@ -17,9 +17,10 @@ CHECK = textwrap.dedent("""
     {second}
     classes = (TASK_REGISTRY["d2v_kd"], MODEL_REGISTRY["d2v_kd"], CRITERION_REGISTRY["d2v_kd"])
     print(sorted({{c.__module__ for c in classes}}))
-    print(sorted(m for m in sys.modules if m.rsplit(".", 1)[-1] in ("kd_task", "kd_model", "kd_criterion")))
+    print(sorted(m for m in sys.modules if m.endswith(".d2v_kd")))
 """)
 AS_PACKAGE = "import fairseq_mmkd"
+REGISTERED = "['fairseq_mmkd.criterions.d2v_kd', 'fairseq_mmkd.models.d2v_kd', 'fairseq_mmkd.tasks.d2v_kd']"
 AS_USER_DIR = f"utils.import_user_module(argparse.Namespace(user_dir={str(REPO / 'fairseq_mmkd')!r}))"
 
 
@@ -32,14 +33,14 @@ def run(first, second):
 
 def test_user_dir_then_package_registers_one_set_of_classes():
     modules, loaded = run(AS_USER_DIR, AS_PACKAGE)
-    assert modules == "['fairseq_mmkd.kd_criterion', 'fairseq_mmkd.kd_model', 'fairseq_mmkd.kd_task']"
-    assert loaded == "['fairseq_mmkd.kd_criterion', 'fairseq_mmkd.kd_model', 'fairseq_mmkd.kd_task']"
+    assert modules == REGISTERED
+    assert loaded == REGISTERED
 
 
 def test_package_then_user_dir_is_recognised_as_already_imported():
     modules, loaded = run(AS_PACKAGE, AS_USER_DIR)
-    assert modules == "['fairseq_mmkd.kd_criterion', 'fairseq_mmkd.kd_model', 'fairseq_mmkd.kd_task']"
-    assert loaded == "['fairseq_mmkd.kd_criterion', 'fairseq_mmkd.kd_model', 'fairseq_mmkd.kd_task']"
+    assert modules == REGISTERED
+    assert loaded == REGISTERED
 
 
 def test_a_second_copy_under_the_same_name_is_refused_not_silently_mixed(tmp_path):
@@ -61,7 +62,7 @@ def test_fairseq_silently_keeps_the_first_class_for_a_duplicate_name():
     code = textwrap.dedent("""
         import fairseq_mmkd
         from fairseq.tasks import register_task, TASK_REGISTRY
-        from fairseq_mmkd.kd_task import D2vKDTask, D2vKDTaskConfig
+        from fairseq_mmkd.tasks.d2v_kd import D2vKDTask, D2vKDTaskConfig
         class Impostor(D2vKDTask):
             pass
         got = register_task("d2v_kd", dataclass=D2vKDTaskConfig)(Impostor)

@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fairseq_mmkd.retrieval import faiss_available, topk_accuracy
-from fairseq_mmkd.targets import TargetConfig, make_targets
+from fairseq_mmkd.modules.targets import TargetConfig, make_targets
 
 # derandomized: CI runs the same examples every time (a property failure is then reproducible, not flaky)
 FAST = settings(max_examples=25, deadline=None, derandomize=True)

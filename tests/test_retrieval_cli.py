@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fairseq_mmkd import D2vConfig, D2vModel
-from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
 from fairseq_mmkd.encoders.image import ImageEncoderConfig
 from fairseq_mmkd.retrieval import metric_names, write_cifar
 from fairseq_mmkd.retrieval.__main__ import main
@@ -107,7 +107,7 @@ def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
     model = tiny_model()
     calls = []
 
-    class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.kd_model.load_student returns
+    class FakeStudent(torch.nn.Module):  # the interface fairseq_mmkd.models._student.load_student returns
         num_extra_tokens, input_size = 1, 32
         distiller = types.SimpleNamespace(student_blocks=model.blocks, student_norm=None, cfg=model.cfg)
 
@@ -118,7 +118,7 @@ def test_student_checkpoint_uses_load_student(data_root, tmp_path, monkeypatch):
         calls.append((path, device, trust_checkpoint))
         return FakeStudent()
 
-    monkeypatch.setitem(sys.modules, "fairseq_mmkd.kd_model", types.SimpleNamespace(load_student=load_student))
+    monkeypatch.setitem(sys.modules, "fairseq_mmkd.models._student", types.SimpleNamespace(load_student=load_student))
     out = tmp_path / "student.json"
     assert main(["--checkpoint", "student.pt", "--cifar100", str(data_root), "--json", str(out), "--device", "cpu",
                  "--trust-checkpoint", "--no-progress"]) == 0
@@ -184,7 +184,7 @@ def deeper_teacher(tmp_path_factory):
                          ids=["defaults", "every_choice"])
 def test_json_protocol_records_what_ran_and_reproduces_the_numbers(deeper_teacher, data_root, tmp_path, extra):
     from fairseq_mmkd import load_d2v_image
-    from fairseq_mmkd.distill import block_features
+    from fairseq_mmkd.distill.distiller import block_features
     from fairseq_mmkd.retrieval import evaluate_retrieval, load_cifar
 
     out = tmp_path / "r.json"

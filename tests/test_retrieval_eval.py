@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from fairseq_mmkd import D2vConfig, D2vModel
 from fairseq_mmkd.encoders.image import ImageEncoderConfig
-from fairseq_mmkd.retrieval import (RetrievalSet, embed, evaluate_retrieval, metric_names, pool_features,
-                                    preprocess)
+from fairseq_mmkd.retrieval import RetrievalSet, embed, evaluate_retrieval, metric_names, pool_features, preprocess
 from fairseq_mmkd.retrieval.evaluate import IMAGENET_MEAN, IMAGENET_STD
 
 RGB = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]])

@@ -105,7 +105,7 @@ def test_rerunning_a_finished_run_changes_nothing_and_raising_max_update_continu
 
 def test_completion_follows_fairseqs_stopping_rules(finished):
     """max_update, max_epoch and stop_time_hours as fairseq's train.py applies them, on a real checkpoint."""
-    from fairseq_mmkd.save_dir import completion, read_progress
+    from fairseq_mmkd.runtime.save_dir import completion, read_progress
 
     progress = read_progress(str(finished / "checkpoint_last.pt"))
     assert progress["num_updates"] == 4 and progress["next_epoch"] == 2  # update 4 is mid-epoch 2
@@ -124,7 +124,7 @@ def test_a_run_finished_by_max_epoch_or_reset_counters(finished, tmp_path):
     that resets fairseq's counters or restores another file trains."""
     from omegaconf import OmegaConf
 
-    from fairseq_mmkd import save_dir
+    from fairseq_mmkd.runtime import save_dir
 
     folder = tmp_path / "ckpt"
     shutil.copytree(finished, folder)
@@ -240,7 +240,7 @@ def test_no_space_left_while_writing_or_copying_a_checkpoint(tmp_path):
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
 
-    from fairseq_mmkd.guards import CheckpointWriteError
+    from fairseq_mmkd.runtime.guards import CheckpointWriteError
 
     previous = tmp_path / "checkpoint_last.pt"
     torch.save({"num_updates": 4}, previous)
@@ -268,13 +268,13 @@ def test_a_filesystem_without_file_locks_warns_and_trains(tmp_path, monkeypatch,
     import errno
     import fcntl
 
-    from fairseq_mmkd import save_dir
+    from fairseq_mmkd.runtime import save_dir
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with caplog.at_level("WARNING", logger="fairseq_mmkd.save_dir"):
+    with caplog.at_level("WARNING", logger="fairseq_mmkd.runtime.save_dir"):
         assert save_dir.take_lock(str(tmp_path)) is None
     assert "does not support file locks (No locks available); a second run started on the same " \
            "checkpoint.save_dir would not be detected" in caplog.text

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fairseq_mmkd import load_d2v_image, read_checkpoint
-from fairseq_reference import (fairseq_load_checkpoint, reference_outputs, torch_load_without_weights_only,
+from fairseq_mmkd.testing.fairseq_reference import (fairseq_load_checkpoint, reference_outputs, torch_load_without_weights_only,
                                write_reference_checkpoint)
 
 ATOL = 1e-5  # fp32; fairseq's manual softmax vs scaled_dot_product_attention differ by ~1e-6

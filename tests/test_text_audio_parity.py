@@ -6,16 +6,16 @@ detects the modality) and compares every output with fairseq's: online weights (
 EMA weights (the teacher inside fairseq's pretraining forward, composed as data2vec2 composes it), on
 unpadded and right-padded batches. With padding, outputs are compared at valid positions (fairseq computes
 junk at padded queries too) and the padding mask itself must agree; targets only without padding, where
-the plugin normalises over valid positions on purpose (``fairseq_mmkd.targets``).
+the plugin normalises over valid positions on purpose (``fairseq_mmkd.modules.targets``).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-import fairseq_reference as ref
+from fairseq_mmkd.testing import fairseq_reference as ref
 from fairseq_mmkd import CheckpointError, load_d2v, load_d2v_image
-from fairseq_reference import reference_outputs, write_reference_checkpoint
+from fairseq_mmkd.testing.fairseq_reference import reference_outputs, write_reference_checkpoint
 
 ATOL = 1e-5
 
@@ -235,7 +235,7 @@ def test_fairseq_reads_checkpoints_the_plugin_writes(tmp_path, modality):
     """Teachers written by the plugin (the demos' random ones, exported students) are real data2vec2 files:
     fairseq's own code rebuilds them from their cfg, loads the weights strictly, and computes the same."""
     from fairseq_mmkd import D2vConfig, D2vModel, TargetConfig
-    from fairseq_mmkd.d2v_format import save_d2v_checkpoint
+    from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
     from fairseq_mmkd.encoders.audio import AudioEncoderConfig
     from fairseq_mmkd.encoders.text import TextEncoderConfig
 

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fairseq_mmkd import D2vConfig, D2vModel, load_d2v
-from fairseq_mmkd.d2v_format import save_d2v_checkpoint
-from fairseq_mmkd.distill import Distiller, block_features
+from fairseq_mmkd.d2v.writing import save_d2v_checkpoint
+from fairseq_mmkd.distill.distiller import Distiller, block_features
 from fairseq_mmkd.encoders.audio import AudioEncoderConfig
 from fairseq_mmkd.encoders.text import TextEncoderConfig
 from fairseq_mmkd.retrieval import (AudioRetrievalSet, RetrievalDataError, TextRetrievalSet, embed_sequences,
@@ -491,7 +491,7 @@ def test_cli_student_checkpoint_embeds_through_distiller_features(sounds, tmp_pa
         calls.append(path)
         return Student({"normalize": True} if path == "with_task.pt" else None)
 
-    monkeypatch.setitem(sys.modules, "fairseq_mmkd.kd_model", types.SimpleNamespace(load_student=load_student))
+    monkeypatch.setitem(sys.modules, "fairseq_mmkd.models._student", types.SimpleNamespace(load_student=load_student))
     out = tmp_path / "s.json"
     assert main(["--checkpoint", "with_task.pt", "--folder", str(sounds), "--json", str(out), "--no-progress",
                  "--knn-k", "3", "--device", "cpu"]) == 0

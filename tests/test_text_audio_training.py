@@ -68,7 +68,7 @@ def test_loss_falls(runs, modality):
 
 @pytest.mark.parametrize("modality", ["text", "audio"])
 def test_checkpoints_hold_no_teacher_blocks_and_load_without_the_teacher(runs, sequence_setup, modality, tmp_path):
-    from fairseq_mmkd.kd_model import load_student
+    from fairseq_mmkd.models._student import load_student
 
     save, _ = runs[modality]
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
@@ -96,11 +96,11 @@ def test_text_and_audio_students_export_to_files_fairseq_loads(runs, sequence_se
     exactly, fairseq's own data2vec2 code to 1e-5 (text: with the dictionary --text-dict names)."""
     from pathlib import Path
 
-    from fairseq_reference import fairseq_load_checkpoint
+    from fairseq_mmkd.testing.fairseq_reference import fairseq_load_checkpoint
 
     from fairseq_mmkd import load_d2v
     from fairseq_mmkd.export import main
-    from fairseq_mmkd.kd_model import load_student
+    from fairseq_mmkd.models._student import load_student
 
     save, _ = runs[modality]
     out = tmp_path / "student_d2v2.pt"

@@ -35,11 +35,9 @@ Nothing here imports fairseq; the task wraps ``ImageListDataset`` in a ``Fairseq
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import threading
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -47,13 +45,17 @@ import torch
 from PIL import Image, ImageOps
 
 from .common import BadFiles, SharedEpoch, sample_seed
+from .transforms import (
+    EVAL_CROP_FRACTION,
+    _pil_pixel_limit_off,
+    min_short_side_for_crop,
+    random_resized_crop_box,
+    to_normalized_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_FRACTION = 0.875
 # PIL's own error threshold (2 * its default MAX_IMAGE_PIXELS, ~179 MP), but measured on the pixels actually
 # decoded: a 10k x 10k JPEG decodes at 1/8 scale and passes; a 20k x 20k PNG (1.2 GB of RGB) does not.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
@@ -62,7 +64,6 @@ SHRINK_GAP = 2.0
 
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDataError(ValueError):
@@ -191,31 +192,8 @@ def _read_list_file(list_path: str) -> list[str]:
 # Decoding one file
 # --------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _pil_pixel_limit_off():
-    """Switch PIL's global decompression-bomb check off for one ``Image.open``; ``max_pixels`` replaces it.
-
-    Only the header parse runs inside, so the switch is held for microseconds; the lock keeps concurrent
-    threads of this module from restoring each other's value.
-    """
-    with _PIL_LIMIT_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
 
 
-def min_short_side_for_crop(input_size: int, scale: Sequence[float], ratio: Sequence[float]) -> int:
-    """Smallest shorter side for which every RandomResizedCrop box still has >= ``input_size`` pixels a side.
-
-    A crop covers area ``s * W * H`` (``s >= scale[0]``) with aspect ``r``; its shorter side is
-    ``sqrt(s * W * H * min(r, 1/r)) >= short_side * sqrt(scale[0] * min(r, 1/r))``. Shrinking an image no
-    further than this never makes the final resize upsample where the original would not have.
-    """
-    narrowest = min(ratio[0], 1 / ratio[0], ratio[1], 1 / ratio[1])
-    return math.ceil(input_size / math.sqrt(scale[0] * narrowest))
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -317,44 +295,8 @@ def load_rgb(path: str, min_short_side: Optional[int] = None,
 # Augmentation
 # --------------------------------------------------------------------------------------------------------
 
-def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-                            generator: torch.Generator) -> tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params``, drawing from ``generator`` instead of the global RNG.
-
-    Same draws in the same order, so seeding the global RNG with the generator's seed reproduces it.
-
-    Returns:
-        ``(top, left, height, width)`` of the crop.
-    """
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect_ratio = torch.exp(
-            torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the largest centred crop within the ratio range
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
-def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize(ImageNet mean, std) of an RGB image, in torchvision's arithmetic order."""
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-    x = pixels.permute(2, 0, 1).contiguous().to(torch.float32).div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -387,6 +329,11 @@ def train_transform(img: Image.Image, input_size: int, generator: torch.Generato
 
 def eval_transform(img: Image.Image, input_size: int) -> torch.Tensor:
     """Resize the shorter side to ``int(input_size / 0.875)`` (bicubic), centre-crop ``input_size``, normalise."""
+    return to_normalized_tensor(eval_crop(img, input_size))
+
+
+def eval_crop(img: Image.Image, input_size: int) -> Image.Image:
+    """The eval transform's pixels: shorter side resized to ``int(input_size / 0.875)`` (bicubic), centre crop."""
     resize_to = int(input_size / EVAL_CROP_FRACTION)
     w, h = img.size
     if w <= h:
@@ -397,7 +344,25 @@ def eval_transform(img: Image.Image, input_size: int) -> torch.Tensor:
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     top = int(round((new_h - input_size) / 2.0))
     left = int(round((new_w - input_size) / 2.0))
-    return to_normalized_tensor(img.crop((left, top, left + input_size, top + input_size)))
+    return img.crop((left, top, left + input_size, top + input_size))
+
+
+def load_eval_crops(paths: Sequence[str], input_size: int, workers: Optional[int] = None) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]``: each image as the eval transform crops it (before normalisation), decoded by a thread
+    per core (PIL decodes outside the GIL); an unreadable file is an ``ImageDataError`` naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shorter = int(input_size / EVAL_CROP_FRACTION)
+
+    def load(path):
+        try:
+            return to_uint8_tensor(eval_crop(load_rgb(path, shorter), input_size))
+        except UnreadableImageError as e:
+            raise ImageDataError(f"validation image {path} cannot be read ({e.reason}); fix or remove its pairs")
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, min(16, workers or cores))) as pool:
+        return torch.stack(list(pool.map(load, paths)))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .image import (IMAGENET_MEAN, IMAGENET_STD, _pil_pixel_limit_off,
-                         random_resized_crop_box)
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, _pil_pixel_limit_off, random_resized_crop_box
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A modality encoder turns raw input (images, text tokens, audio samples) into the token sequence that
 enters the first shared transformer block of a data2vec2 model, plus what those blocks need besides it
 (a padding mask, an ALiBi bias). The teacher loader, the KD model and the criterion only ever talk to an
-encoder through this registry and the small interface below, so adding a modality means adding one
+encoder through the registry (``registry.py``) and the small interface below, so adding a modality means adding one
 module here that registers itself; nothing else changes.
 
 Interface of a registered encoder class ``E``:
@@ -27,38 +27,9 @@ Interface of a registered encoder class ``E``:
 """
 from __future__ import annotations
 
-MODALITY_ENCODERS: dict = {}
-
-
-def register_encoder(name: str):
-    """Class decorator: make an encoder available under ``name`` (e.g. ``"image"``)."""
-
-    def wrap(cls):
-        if name in MODALITY_ENCODERS and MODALITY_ENCODERS[name] is not cls:
-            raise ValueError(f"modality encoder {name!r} is already registered by {MODALITY_ENCODERS[name]}")
-        MODALITY_ENCODERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_encoder_class(name: str):
-    try:
-        return MODALITY_ENCODERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown modality {name!r}; available: {sorted(MODALITY_ENCODERS)}. A new modality is a module "
-            "in fairseq_mmkd/encoders/ that registers itself with @register_encoder."
-        ) from None
-
-
-def modality_from_fairseq_name(fairseq_name: str):
-    """``"AUDIO"`` (a key of fairseq's ``modality_encoders``) -> ``"audio"``; None when no encoder has it."""
-    for name, cls in MODALITY_ENCODERS.items():
-        if cls.fairseq_name == fairseq_name:
-            return name
-    return None
-
-
-from .base import ContextEncoder, EncoderOutput  # noqa: E402
+from .base import ContextEncoder, EncoderOutput
+from .registry import MODALITY_ENCODERS, get_encoder_class, modality_from_fairseq_name, register_encoder
 from . import audio, image, text  # noqa: E402,F401  (register "audio", "image", "text")
+
+__all__ = ["ContextEncoder", "EncoderOutput", "MODALITY_ENCODERS", "get_encoder_class", "modality_from_fairseq_name",
+           "register_encoder"]

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ..layers import AttentionMasks
+from ..modules.layers import AttentionMasks
 
 
 class EncoderOutput(NamedTuple):

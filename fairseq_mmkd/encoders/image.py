@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import register_encoder
+from .registry import register_encoder
 from .base import ContextEncoder, EncoderOutput
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import register_encoder
+from .registry import register_encoder
 from .base import ContextEncoder, EncoderOutput
 
 TEXT_EMBED_EPS = 1e-5  # fairseq.modules.LayerNorm's default, used by layernorm_embedding

@@ -7,17 +7,26 @@ any modality (``folder_kind`` says which), fitted to the teacher (``teacher_fact
 neither fairseq nor the distillation model at import time (the text folder reader imports fairseq's binary
 readers when it runs), so it can be tested and benchmarked on its own.
 """
-from .audio_folder import load_audio_folder
-from .cifar import CIFAR_LAYOUTS, load_cifar, write_cifar
-from .evaluate import (embed, embed_sequences, evaluate_retrieval, evaluation_protocol, knn_metric_names,
-                       metric_names, pool_features, preprocess, standardize_embeddings)
-from .folders import fit_teacher, folder_kind, load_retrieval_folder, teacher_facts
-from .image_folder import load_image_folder_pair
+from .evaluate import (
+                       embed,
+                       embed_sequences,
+                       evaluate_retrieval,
+                       evaluation_protocol,
+                       knn_metric_names,
+                       metric_names,
+                       pool_features,
+                       preprocess,
+                       standardize_embeddings,
+)
 from .knn import knn_accuracy, knn_predict
 from .search import Neighbours, faiss_available, nearest_neighbours, topk_accuracy
-from .sequences import AudioRetrievalSet, SequenceRetrievalSet, TextRetrievalSet
-from .sets import RetrievalDataError, RetrievalSet
-from .text_folder import load_text_folder
+from .sets.audio_folder import load_audio_folder
+from .sets.base import RetrievalDataError, RetrievalSet
+from .sets.cifar import CIFAR_LAYOUTS, load_cifar, write_cifar
+from .sets.folders import fit_teacher, folder_kind, load_retrieval_folder, teacher_facts
+from .sets.image_folder import load_image_folder_pair
+from .sets.sequences import AudioRetrievalSet, SequenceRetrievalSet, TextRetrievalSet
+from .sets.text_folder import load_text_folder
 
 __all__ = ["AudioRetrievalSet", "CIFAR_LAYOUTS", "Neighbours", "RetrievalDataError", "RetrievalSet",
            "SequenceRetrievalSet", "TextRetrievalSet", "embed", "embed_sequences", "evaluate_retrieval",

@@ -5,6 +5,8 @@ modality.
     python -m fairseq_mmkd.retrieval --checkpoint checkpoints/checkpoint_best.pt --cifar10 DATA --json out.json
     python -m fairseq_mmkd.retrieval --checkpoint nlp_base.pt --teacher --folder SST-2-bin
     python -m fairseq_mmkd.retrieval --checkpoint base_libri.pt --teacher --folder commands
+    python -m fairseq_mmkd.retrieval --checkpoint kd_image_text/checkpoint_best.pt --pairs dataset_coco.json \
+        --save-embeddings E.npz [--cifar10 DATA --zeroshot]
 
 ``--folder`` takes a labelled set of the model's modality (image folders, a GLUE-style text folder, or wav2vec
 manifests with labels; ``retrieval.folders``); ``--cifar10``/``--cifar100`` are for image models.
@@ -27,6 +29,7 @@ from .cli import (DTYPES, UsageError, add_data_arguments, add_model_arguments, a
                   load_encoder, load_sets, non_negative_int, positive_float, record_set_sizes, resolve_device,
                   resolve_pooling)
 from .evaluate import evaluate_retrieval, evaluation_protocol, metric_names
+from .pairs_cli import add_pair_arguments, run_pairs
 from .search import BACKENDS
 
 __all__ = ["UsageError", "build_parser", "main", "run"]
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standardize", action="store_true",
                    help="standardise embeddings with the memory bank's per-dimension mean/std before L2 "
                         "normalisation (MIM-Refiner)")
+    add_pair_arguments(p)
     add_run_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="nearest-neighbour search backend")
     return p
@@ -64,6 +68,8 @@ def format_table(metrics: Dict[str, float], sets: Dict[str, object], knn_k: int 
 
 
 def run(args) -> Dict[str, object]:
+    if args.pairs or args.zeroshot:
+        return run_pairs(args)
     device, dtype_name = resolve_device(args)
     sets = load_sets(args)  # before the model: data errors are found without loading a large checkpoint
     encoder = load_encoder(args, device)

@@ -8,21 +8,18 @@ imported inside ``load_encoder``, so this module (like the rest of the package) 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 
-from .cifar import load_cifar
+from ..files import write_json
 from .evaluate import POOLINGS
-from .folders import KINDS, fit_teacher, load_retrieval_folder, teacher_facts
-from .image_folder import folder_set_name
-from .sets import RetrievalSet
+from .sets.base import RetrievalSet
+from .sets.cifar import load_cifar
+from .sets.folders import KINDS, fit_teacher, load_retrieval_folder, teacher_facts
+from .sets.image_folder import folder_set_name
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 DATA_HINT = "get CIFAR with `python scripts/prepare_data.py --cifar DIR`"
@@ -184,10 +181,10 @@ class Encoder:
 
 def load_encoder(args, device) -> Encoder:
     """The checkpoint as a frozen, eval-mode feature function of block ``args.layer``."""
-    from ..distill import block_features, block_index
+    from ..distill.distiller import block_features, block_index
 
     if args.teacher:
-        from ..checkpoint import load_d2v
+        from ..d2v.loading import load_d2v
         model = load_d2v(args.checkpoint, weights=args.weights, device=device, trust_checkpoint=args.trust_checkpoint,
                          modality=getattr(args, "modality", None))
         cfg, task_cfg = model.cfg, model.fairseq_task_cfg
@@ -203,7 +200,7 @@ def load_encoder(args, device) -> Encoder:
         encoder = Encoder(feature_fn, None, model.num_extra_tokens, len(model.blocks), "teacher", args.weights,
                           model.norm is not None)
     else:
-        from ..kd_model import load_student  # imported here: the teacher path does not need the KD model
+        from ..models._student import load_student  # imported here: the teacher path does not need the KD model
         model = load_student(args.checkpoint, device=device, trust_checkpoint=args.trust_checkpoint)
         model.eval()
         model = student_of_modality(model, getattr(args, "modality", None), args.checkpoint)
@@ -278,21 +275,6 @@ def resolve_pooling(pooling: Optional[str], encoder: Encoder, checkpoint, sets: 
     return pooling
 
 
-def write_json(path, result: dict) -> Path:
-    """Write ``result`` to ``path`` atomically (a reader never sees half a file)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
 def record_set_sizes(result: dict, sets: Dict[str, RetrievalSet], modality: str) -> None:
     """``<set>_train_images`` / ``<set>_test_images`` (``_items`` for text and audio) into a ``--json`` result."""
     items = "images" if modality == "image" else "items"
@@ -304,8 +286,11 @@ def record_set_sizes(result: dict, sets: Dict[str, RetrievalSet], modality: str)
 def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable, argv=None) -> int:
     """Run a CLI (``run`` returns its result, which ``--json`` writes): every problem the user can fix is one
     ``error:`` line and exit status 2, not a traceback."""
-    from ..checkpoint import CheckpointError
-    from .sets import RetrievalDataError
+    from ..d2v.loading import CheckpointError
+    from ..data.image import ImageDataError
+    from ..data.pairs import PairsError
+    from ..data.text import TextDataError
+    from .sets.base import RetrievalDataError
 
     args = build_parser().parse_args(argv)
     try:
@@ -313,7 +298,7 @@ def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable,
         if args.json:
             print(f"wrote {write_json(args.json, result)}")
     # Each of these carries a complete message; OSError covers e.g. an unwritable --json path.
-    except (UsageError, CheckpointError, RetrievalDataError, OSError) as e:
+    except (UsageError, CheckpointError, RetrievalDataError, PairsError, TextDataError, ImageDataError, OSError) as e:
         import sys
 
         print(f"error: {e}", file=sys.stderr)

@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess  # noqa: F401  (re-exported)
 from .knn import knn_accuracy
 from .search import nearest_neighbours, resolve_backend, topk_hits
-from .sequences import SequenceRetrievalSet
-from .sets import RetrievalSet
+from .sets.base import RetrievalSet
+from .sets.image_preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess  # noqa: F401  (re-exported)
+from .sets.sequences import SequenceRetrievalSet
 
 POOLINGS = ("cls", "mean", "cls+mean")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # set names prefix metric names: no spaces or dots

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sets import RetrievalSet
+from .sets.base import RetrievalSet
 
 CELL = 64  # pixels per thumbnail (CIFAR's 32 px upscaled 2x)
 

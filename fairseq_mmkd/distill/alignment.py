@@ -1,0 +1,59 @@
+"""What aligns a multimodal student's image and text embeddings: pooling per modality, optional projection heads, and
+CLIP's learned temperature (fairseq-free).
+
+The student stack itself is ``multimodal.MultimodalDistiller`` (frozen image and text encoders and teachers, one
+student stack). ``Alignment`` turns the student's last-block features of either modality into one L2-normalised
+embedding per item: the image's CLS token (or the mean of its patches), the caption's mean over its valid tokens (or
+its ``<s>`` token), through a linear head per modality when ``projection_dim`` is set. ``logit_scale`` is CLIP's:
+``log(1 / 0.07)`` at the start, learned, used clamped at ``log(100)`` (``losses.contrastive``).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..losses.contrastive import CLIP_INIT_TEMPERATURE, initial_logit_scale
+from ..retrieval.evaluate import pool_features
+
+MODALITIES = ("image", "text")
+POOLINGS = {"image": ("cls", "mean"), "text": ("mean", "cls")}  # text "cls": the <s> token RoBERTa-style heads read
+
+
+class Alignment(nn.Module):
+    """Args:
+        embed_dim: width of the student's features.
+        projection_dim: 0 for no head (the pooled features are the embedding), else a linear head per modality.
+        pooling: modality -> ``"cls"`` or ``"mean"``.
+        init_temperature: the temperature the learned logit scale starts from (CLIP: 0.07).
+    """
+
+    def __init__(self, embed_dim: int, projection_dim: int = 0, pooling: Optional[Mapping[str, str]] = None,
+                 init_temperature: float = CLIP_INIT_TEMPERATURE):
+        super().__init__()
+        self.pooling = {"image": "cls", "text": "mean", **dict(pooling or {})}
+        for m, p in self.pooling.items():
+            if m not in POOLINGS or p not in POOLINGS[m]:
+                raise ValueError(f"model.{m}_pooling={p}: use one of {POOLINGS.get(m, ())}")
+        if projection_dim < 0:
+            raise ValueError(f"model.projection_dim={projection_dim}: use 0 (no head) or the embedding width")
+        if not init_temperature > 0:
+            raise ValueError(f"model.init_temperature={init_temperature} must be positive (CLIP: 0.07)")
+        self.embed_dim = projection_dim or embed_dim
+        self.heads = (nn.ModuleDict({m: nn.Linear(embed_dim, projection_dim, bias=False) for m in MODALITIES})
+                      if projection_dim else None)
+        if self.heads is not None:
+            for head in self.heads.values():
+                nn.init.normal_(head.weight, std=embed_dim ** -0.5)  # CLIP's projection init
+        self.logit_scale = nn.Parameter(torch.tensor(initial_logit_scale(init_temperature)))
+
+    def embed(self, modality: str, features: torch.Tensor, padding_mask: Optional[torch.Tensor],
+              num_extra_tokens: int) -> torch.Tensor:
+        """``[B, T, D]`` student features (extra tokens first; ``padding_mask`` True at padding) -> ``[B, P]``,
+        L2-normalised."""
+        pooled = pool_features(features, num_extra_tokens, self.pooling[modality], padding_mask)
+        if self.heads is not None:
+            pooled = self.heads[modality](pooled)
+        return F.normalize(pooled.float(), dim=-1)
