@@ -18,7 +18,10 @@ Each encoder computes exactly what it computed in training, with its teacher's L
 from the student blocks' (an image teacher has 1e-6, text and audio teachers 1e-5), the file keeps the blocks'
 eps as ``cfg.model.norm_eps`` and the encoder's as ``cfg.model.modalities.<modality>.norm_eps``, which
 ``load_d2v`` reads; fairseq's own code drops that key and builds every LayerNorm with ``norm_eps`` (docs/tools.md).
-A ``prediction=head`` regression head is a distillation-only part and is not exported.
+A ``prediction=head`` regression head is a distillation-only part and is not exported. A ``d2v_kd_image_text``
+student becomes the multimodal file of its image and text encoders and stack, plus what aligns them under the file's
+top-level ``alignment`` entry (pooling, projection heads, the learned logit scale, the caption tokenizer's files):
+``fairseq_mmkd.distill.alignment.AlignedEncoders.from_file(path)`` embeds images and captions with it.
 """
 from __future__ import annotations
 
@@ -175,13 +178,23 @@ def write_student(student, output, modality: Optional[str] = None, text_dict=Non
         models = {m: student_as_d2v(student, m) for m in student.modalities}
         text_data = _text_data(models, text_dict)
         tasks = {m: task_cfg_for(model, teacher_settings(student, m), text_data) for m, model in models.items()}
-        save_multimodal_d2v_checkpoint(models, output, tasks, shared=student.distiller.student_source)
+        extra = {"alignment": alignment_entry(student)} if hasattr(student, "alignment") else None
+        save_multimodal_d2v_checkpoint(models, output, tasks, shared=student.distiller.student_source, extra=extra)
         return models
     modality = pick_modality(student, modality, checkpoint)
     model = student_as_d2v(student, modality)
     task = task_cfg_for(model, teacher_settings(student, modality), _text_data({modality: model}, text_dict))
     save_d2v_checkpoint(model, output, task_cfg=task)
     return {modality: model}
+
+
+def alignment_entry(student) -> dict:
+    """An image-text student's alignment as plain tensors and values (``AlignedEncoders`` reads it back)."""
+    a = student.alignment
+    return {"pooling": dict(a.pooling), "embed_dim": int(a.embed_dim), "logit_scale": float(a.logit_scale),
+            "heads": ({m: h.weight.detach().cpu().float().clone() for m, h in a.heads.items()}
+                      if a.heads is not None else None),
+            "captions": dict(getattr(student, "caption_settings", None) or {})}
 
 
 def export(checkpoint, output, trust_checkpoint: bool = False, modality: Optional[str] = None,

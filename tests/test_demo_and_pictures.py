@@ -138,3 +138,23 @@ def test_plot_script_reports_a_log_without_json_lines(tmp_path):
     proc = subprocess.run([str(REPO / ".venv/bin/python"), "scripts/plot_metrics.py", str(log), "--output",
                            str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "no fairseq json log lines" in proc.stderr
+
+
+def test_image_text_demo_prints_teachers_vs_student_with_chance_levels_and_a_picture(tmp_path):
+    """--modality image-text, reduced (60 updates): unaligned random teachers near chance, an aligned student well
+    above it, and the picture of queries with their top captions and images."""
+    out = tmp_path / "it"
+    proc = subprocess.run(["bash", "scripts/demo.sh", "--modality", "image-text", "--updates", "60", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m.group(1): [float(x.rstrip("%")) for x in m.group(2).split()]
+            for m in re.finditer(r"^((?:image->text|text->image) R@\d+|zero-shot colours top-\d)\s+([\d.%\s]+)$",
+                                 proc.stdout, re.M)}
+    assert len(rows) == 8, proc.stdout[-2000:]
+    chance, teacher, _, student = rows["text->image R@1"]
+    assert teacher < 4 * chance < student, rows
+    assert rows["image->text R@5"][3] > 2 * rows["image->text R@5"][0]
+    assert rows["zero-shot colours top-1"][3] > 2 * rows["zero-shot colours top-1"][0]
+    picture = out / "checkpoints" / "image_text_examples.png"
+    with Image.open(picture) as img:
+        assert img.size[0] > 300 and img.size[1] > 300

@@ -63,15 +63,17 @@ def test_fairseqs_argparse_path_accepts_every_registered_dataclass(registry, nam
             assert parsed[f.name] == default.value, f.name
 
 
-@pytest.mark.parametrize("task,arch", [("d2v_kd", "d2v_kd"), ("d2v_kd_multimodal", "d2v_kd_multimodal")])
+@pytest.mark.parametrize("task,arch", [("d2v_kd", "d2v_kd"), ("d2v_kd_multimodal", "d2v_kd_multimodal"),
+                                       ("d2v_kd_image_text", "d2v_kd_image_text")])
 def test_training_flags_become_the_plugins_config(task, arch):
     """fairseq-train's own parsing: the plugin's flags land in its task, model, criterion and optimizer configs."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     weights = ["--modality-weights", "{'image': 1.0, 'text': 0.5}"] if task == "d2v_kd_multimodal" else []
-    teacher = (["--image-teacher", "t.pt", "--image-data", "photos"] if task == "d2v_kd_multimodal" else
-               ["photos", "--teacher-checkpoint", "t.pt"])
+    teacher = {"d2v_kd_multimodal": ["--image-teacher", "t.pt", "--image-data", "photos"],
+               "d2v_kd_image_text": ["--image-teacher", "t.pt", "--text-teacher", "x.pt", "--pairs", "p.json",
+                                     "--contrastive-weight", "0.5"]}.get(task, ["photos", "--teacher-checkpoint", "t.pt"])
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         "--user-dir", PLUGIN, "--task", task, "--arch", arch, "--criterion", task,
@@ -85,6 +87,8 @@ def test_training_flags_become_the_plugins_config(task, arch):
     assert cfg.task.seed == cfg.common.seed and cfg.task.save_dir == cfg.checkpoint.save_dir
     if task == "d2v_kd":
         assert cfg.task.data == "photos" and cfg.model.teacher_checkpoint == "t.pt"
+    elif task == "d2v_kd_image_text":
+        assert cfg.task.pairs == "p.json" and cfg.model.text_teacher == "x.pt" and cfg.criterion.contrastive_weight == 0.5
     else:
         from fairseq_mmkd.tasks.d2v_kd_multimodal import parse_modality_weights
 

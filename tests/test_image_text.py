@@ -351,3 +351,50 @@ def test_resume_is_exact(tmp_path, pairs_root, tiny_teacher, text_teacher):
     b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert b["optimizer_history"][-1]["num_updates"] == 14
     assert_same_updates(a, b, learning_rates(straight.stdout + straight.stderr))
+
+
+def test_the_aligned_student_exports_to_one_file_that_load_d2v_and_fairseq_read(trained, pairs_root, tmp_path):
+    """Both encoders, the stack, the heads and the scale in one data2vec_multi file: load_d2v reads each modality,
+    fairseq's own loader reads the file, and AlignedEncoders embeds images and captions as the student did."""
+    from test_multimodal_export import fairseq_model_of
+
+    from fairseq_mmkd import load_d2v
+    from fairseq_mmkd.distill.alignment import AlignedEncoders
+    from fairseq_mmkd.export import export
+    from fairseq_mmkd.models import load_student
+
+    save, _ = trained
+    out = tmp_path / "aligned.pt"
+    models = export(save / "checkpoint_last.pt", out, text_dict=str(pairs_root / "dict" / "dict.txt"))
+    assert set(models) == {"image", "text"}
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    assert state["cfg"]["model"]["_name"] == "data2vec_multi" and set(state["alignment"]["heads"]) == {"image", "text"}
+    assert load_d2v(out, modality="image").cfg.depth == load_d2v(out, modality="text").cfg.depth == 2
+    _, fairseq_model = fairseq_model_of(out)
+    assert {"IMAGE", "TEXT"} <= set(fairseq_model.modality_encoders)
+    student = load_student(save / "checkpoint_last.pt")
+    enc = AlignedEncoders.from_file(out)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    captions = ["a red square", "the blue circle on grey", "a picture of a green stripe"]
+    ids = [enc.tokenizer.encode(c) for c in captions]
+    from fairseq_mmkd.data.captions import pad_captions
+
+    tokens, mask = pad_captions(ids, enc.tokenizer.pad)
+    with torch.no_grad():
+        # float32 through the same encoders and blocks, computed as another module tree: rounding only (~1e-6)
+        torch.testing.assert_close(enc.embed_images(images), student.embed("image", images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(enc.embed_captions(captions), student.embed("text", tokens, mask), atol=1e-5,
+                                   rtol=0)
+    assert enc.scale == pytest.approx(float(student.alignment.logit_scale.exp()))
+
+
+def test_fairseq_validate_prints_the_zero_shot_metrics_of_an_image_text_checkpoint(trained):
+    from test_fairseq_cli import validate
+
+    save, log = trained
+    valid, out = validate(save / "checkpoint_last.pt", task="d2v_kd_image_text")
+    trained_valid = json_log_lines(log, "valid")[-1]
+    for key in ("valid_dataset_coco_rmean", "valid_dataset_coco_i2t_r1", "valid_cifar10_zeroshot_top1",
+                "valid_cifar10_top1"):
+        assert valid[key] == trained_valid[key], key

@@ -112,7 +112,7 @@ def save_d2v_checkpoint(model: D2vModel, path, task_cfg: dict | None = None) -> 
 
 
 def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = None,
-                                   shared: str | None = None) -> None:
+                                   shared: str | None = None, extra: dict | None = None) -> None:
     """Write several ``D2vModel`` s that share their blocks as one multimodal data2vec2 checkpoint.
 
     ``models``: modality -> model, in the order of the file; every model holds the same shared blocks (checked) in
@@ -121,7 +121,8 @@ def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = 
     differs from the blocks'), ``supported_modality`` unset, one ``blocks.*``, an EMA copy of the blocks only
     (``ema_encoder_only``), and fairseq's ``multimodal_pretraining`` task with each modality's task section
     (``task_cfgs``: modality -> its ``cfg.task``; default: the encoder's ``fairseq_task_cfg``). The model-wide
-    settings (``norm_eps``, target settings) are those of ``shared`` (default: the first modality).
+    settings (``norm_eps``, target settings) are those of ``shared`` (default: the first modality). ``extra``: more
+    top-level entries (an aligned student's ``alignment``), which fairseq's loader leaves alone.
     """
     if not models:
         raise ValueError("no modality to write")
@@ -153,4 +154,4 @@ def save_multimodal_d2v_checkpoint(models: dict, path, task_cfgs: dict | None = 
     task = {"_name": "multimodal_pretraining"}
     for m, model in models.items():
         task[m] = task_cfgs.get(m) or type(model.encoder).fairseq_task_cfg(model.cfg.encoder)
-    atomic_save(trainer_layout(model_cfg, state, task), path)
+    atomic_save({**trainer_layout(model_cfg, state, task), **(extra or {})}, path)

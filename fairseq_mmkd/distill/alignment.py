@@ -57,3 +57,73 @@ class Alignment(nn.Module):
         if self.heads is not None:
             pooled = self.heads[modality](pooled)
         return F.normalize(pooled.float(), dim=-1)
+
+
+class AlignedEncoders(nn.Module):
+    """An exported image-text student (``python -m fairseq_mmkd.export``), ready to embed::
+
+        enc = AlignedEncoders.from_file("aligned.pt")
+        images = enc.embed_images(x)                      # normalised float [B, 3, S, S] -> [B, P]
+        captions = enc.embed_captions(["a dog on a sofa"])  # -> [N, P], tokenised as in training
+        similarity = images @ captions.t()                # cosine; x enc.scale for CLIP logits
+
+    The image and text models are the file's two modalities (``load_d2v(path, modality=...)``, sharing the student's
+    blocks), followed by the file's ``alignment`` entry (pooling, heads, scale).
+    """
+
+    def __init__(self, image, text, entry: dict, tokenizer=None):
+        super().__init__()
+        self.image, self.text, self.tokenizer = image, text, tokenizer
+        heads = entry.get("heads")
+        self.alignment = Alignment(image.cfg.embed_dim, projection_dim=int(entry["embed_dim"]) if heads else 0,
+                                   pooling=entry["pooling"])
+        with torch.no_grad():
+            self.alignment.logit_scale.fill_(float(entry["logit_scale"]))
+            if heads:
+                for m, w in heads.items():
+                    self.alignment.heads[m].weight.copy_(w)
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_file(cls, path, device="cpu", text_dict: Optional[str] = None) -> "AlignedEncoders":
+        from ..d2v.loading import CheckpointError, load_d2v, read_checkpoint
+
+        state = read_checkpoint(path)
+        entry = state.get("alignment") if isinstance(state, dict) else None
+        if not entry:
+            raise CheckpointError(f"{path} holds no alignment entry: export a d2v_kd_image_text checkpoint with "
+                                  "python -m fairseq_mmkd.export")
+        image, text = load_d2v(path, modality="image"), load_d2v(path, modality="text")
+        captions = dict(entry.get("captions") or {})
+        tokenizer = None
+        folder = text_dict or captions.get("text_dict")
+        if folder:
+            from ..data.captions import CaptionTokenizer
+
+            tokenizer = CaptionTokenizer(folder, captions.get("bpe_encoder_json"), captions.get("bpe_vocab"),
+                                         min(int(captions.get("max_caption_tokens") or 40),
+                                             text.cfg.encoder.max_source_positions))
+        return cls(image, text, entry, tokenizer).to(device)
+
+    @property
+    def scale(self) -> float:
+        from ..losses.contrastive import clip_logit_scale
+
+        return float(clip_logit_scale(self.alignment.logit_scale))
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.image(images)
+        return self.alignment.embed("image", out["x"], None, self.image.num_extra_tokens)
+
+    def embed_tokens(self, tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.text(tokens, padding_mask)
+        return self.alignment.embed("text", out["x"], out["padding_mask"], self.text.num_extra_tokens)
+
+    def embed_captions(self, captions) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("no caption tokenizer: pass text_dict= (the folder with the text teacher's dict.txt)")
+        from ..data.captions import pad_captions
+
+        ids, mask = pad_captions(self.tokenizer.encode_all(list(captions)), self.tokenizer.pad)
+        device = self.alignment.logit_scale.device
+        return self.embed_tokens(ids.to(device), mask.to(device) if bool(mask.any()) else None)

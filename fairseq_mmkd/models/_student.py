@@ -29,4 +29,7 @@ def load_student(path, device="cpu", trust_checkpoint: bool = False):
     task.load_state_dict(state.get("task_state") or {})
     model = task.build_model(cfg.model, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    if name == "d2v_kd_image_text":  # how its captions are tokenised, for evaluation and export
+        model.caption_settings = {k: cfg.task.get(k) for k in ("text_dict", "bpe_encoder_json", "bpe_vocab",
+                                                                 "max_caption_tokens")}
     return model.eval().requires_grad_(False).to(device)
