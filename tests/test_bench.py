@@ -155,3 +155,17 @@ def test_multimodal_benchmark_renders_ratios_and_keeps_one_section_per_device(tm
     assert "GPU, base size" in gpu and "| `kd_multimodal`, one student | 5.00 | 200 ms (x1.00 vs sequential) | 15 s " \
         "(x2.00) | 1000 MB | 50.0 GB |" in gpu
     assert "| the three one after the other | - | 200 ms | 30 s | 1000 MB (largest) | 40.0 GB |" in gpu
+
+
+def test_image_text_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    """scripts/bench_image_text.py: both updates in their own processes, the validation timing and the projection."""
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_image_text.py", "--steps", "1", "--warmup", "1", "--rounds",
+                           "1", "--valid-images", "20", "--data", str(tmp_path / "data"), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for kind in ("image_text", "multimodal"):
+        assert res[kind]["ms_per_update"] > 0 and res[kind]["saved_mb"] > 0
+    assert "| `kd_image_text` (regressions + contrastive) |" in proc.stdout and "Goal: a round under 10 s" in proc.stdout

@@ -398,3 +398,41 @@ def test_fairseq_validate_prints_the_zero_shot_metrics_of_an_image_text_checkpoi
     for key in ("valid_dataset_coco_rmean", "valid_dataset_coco_i2t_r1", "valid_cifar10_zeroshot_top1",
                 "valid_cifar10_top1"):
         assert valid[key] == trained_valid[key], key
+
+
+def test_the_training_step_in_turns_has_the_one_pass_gradient(pairs_root, tiny_teacher, text_teacher):
+    """backward_in_turns (one modality's activations at a time) gives the gradient of the one-pass loss, also with a
+    stochastic depth (the look-ahead replays the captions' random draws)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from fairseq_mmkd import load_d2v
+    from fairseq_mmkd.criterions.d2v_kd_image_text import D2vKDImageTextCriterion, D2vKDImageTextCriterionConfig
+    from fairseq_mmkd.models.d2v_kd_image_text import D2vKDImageTextModel, D2vKDImageTextModelConfig
+
+    teachers = {"image": load_d2v(tiny_teacher, modality="image"), "text": load_d2v(text_teacher, modality="text")}
+    cfg = OmegaConf.structured(D2vKDImageTextModelConfig(student_depth=2, student_init="random", drop_path=0.3,
+                                                         projection_dim=16))
+    model = D2vKDImageTextModel(cfg, teachers).train()
+    crit = D2vKDImageTextCriterion(OmegaConf.structured(D2vKDImageTextCriterionConfig(contrastive_weight=2.0)),
+                                   SimpleNamespace())
+    g = torch.Generator().manual_seed(0)
+    tokens, mask = pad_captions([torch.tensor([0, 5, 6, 7, 2]), torch.tensor([0, 8, 2]), torch.tensor([0, 9, 5, 2])],
+                                1)
+    sample = {"image": {"net_input": {"source": torch.randn(3, 3, 32, 32, generator=g)}, "nsamples": 3},
+              "text": {"net_input": {"source": tokens, "padding_mask": mask}, "nsamples": 3, "ntokens": 12},
+              "nsamples": 3}
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        result = run()
+        return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_a, size_a, log_a), ga = grads(lambda: (lambda r: (r[0].backward(), r)[1])(crit(model, sample)))
+    (loss_b, size_b, log_b), gb = grads(lambda: crit.backward_in_turns(model, sample, lambda x: x.backward()))
+    assert size_a == size_b == 3 and float(log_a["loss"]) == pytest.approx(float(log_b["loss"]), rel=1e-6)
+    assert ga.keys() == gb.keys() and "alignment.logit_scale" in ga and "alignment.heads.text.weight" in ga
+    for n in ga:  # float32 through the same graph pieces in another order: rounding only
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")

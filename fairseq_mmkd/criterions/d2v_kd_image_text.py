@@ -11,6 +11,7 @@ sums over workers to ``G`` times the objective, so the log shows the objective i
 """
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 
@@ -44,32 +45,87 @@ class D2vKDImageTextCriterion(D2vKDCriterion):
         weights = {"image": self.cfg.image_regression_weight, "text": self.cfg.text_regression_weight}
         return {m: resolve_target_config(self.cfg, model.target_config(m)) for m in MODALITIES if weights[m] > 0}
 
-    def forward(self, model, sample, reduce=True):
-        targets = {m: resolve_target_config(self.cfg, model.target_config(m)) for m in MODALITIES}
-        out = model({m: sample[m]["net_input"] for m in MODALITIES}, targets=targets,
-                    include_extra_tokens=self.cfg.include_extra_tokens)
-        image, text = out["image"]["embedding"], out["text"]["embedding"]
+    def weights(self) -> dict:
+        return {"image": self.cfg.image_regression_weight, "text": self.cfg.text_regression_weight}
+
+    def modality_part(self, model, sample, modality: str) -> tuple:
+        """One modality's forward: ``(weighted regression sum over the pairs, embedding [B, P], logging outputs)``."""
+        target = {modality: resolve_target_config(self.cfg, model.target_config(modality))}
+        out = model({modality: sample[modality]["net_input"]}, targets=target,
+                    include_extra_tokens=self.cfg.include_extra_tokens)[modality]
+        pairs = sample["nsamples"]
+        regression = out["sample_mse"].sum()
+        log = {f"regression_{modality}": regression.detach(), f"target_var_{modality}": out["target_var"] * pairs,
+               f"pred_var_{modality}": out["pred_var"] * pairs}
+        return self.weights()[modality] * regression, out["embedding"], log
+
+    def contrastive_part(self, model, sample, image, text) -> tuple:
+        """``(G * contrastive_weight * C, its logged share, logging outputs)`` from this worker's embeddings."""
         if sample.get("dummy"):  # fairseq's stand-in batch of a worker without data: it brings no negatives
             image, text = image[:0], text[:0]
         c = contrastive_loss(image, text, model.alignment.logit_scale, gather=model.training)
+        pairs, w = sample["nsamples"], self.cfg.contrastive_weight
+        log = {"contrastive": c["loss"].detach() * pairs, "contrastive_accuracy": c["accuracy"] * pairs,
+               "temperature": pairs / c["scale"]}
+        return c["batch"] * w * c["loss"], pairs * w * c["loss"].detach(), log
+
+    def logging(self, sample, logged, parts: list) -> dict:
         pairs = sample["nsamples"]
-        w = {"image": self.cfg.image_regression_weight, "text": self.cfg.text_regression_weight}
-        regression = {m: out[m]["sample_mse"].sum() for m in MODALITIES}
-        weighted = sum(w[m] * regression[m] for m in MODALITIES)
-        loss = weighted + c["batch"] * self.cfg.contrastive_weight * c["loss"]
-        logged = weighted.detach() + pairs * self.cfg.contrastive_weight * c["loss"].detach()
         log = {"loss": logged, "sample_size": pairs, "nsentences": pairs,
-               "ntokens": sample["text"].get("ntokens", pairs), "contrastive": c["loss"].detach() * pairs,
-               "contrastive_accuracy": c["accuracy"] * pairs, "temperature": pairs / c["scale"]}
-        for m in MODALITIES:
-            log[f"regression_{m}"] = regression[m].detach()
-            log[f"target_var_{m}"] = out[m]["target_var"] * pairs
-            log[f"pred_var_{m}"] = out[m]["pred_var"] * pairs
+               "ntokens": sample["text"].get("ntokens", pairs)}
+        for part in parts:
+            log.update(part)
         log["target_var"] = sum(log[f"target_var_{m}"] for m in MODALITIES) / 2
         log["pred_var"] = sum(log[f"pred_var_{m}"] for m in MODALITIES) / 2
         if "num_replaced" in sample["image"]:
             log["bad_images"] = sample["image"]["num_replaced"]
-        return loss, pairs, log
+        return log
+
+    def forward(self, model, sample, reduce=True):
+        """Both modalities and the contrastive term in one pass (validation; the task's training step computes the
+        same gradient holding one modality's activations at a time)."""
+        text_reg, text, text_log = self.modality_part(model, sample, "text")  # captions first, as in training
+        image_reg, image, image_log = self.modality_part(model, sample, "image")
+        contrastive, share, c_log = self.contrastive_part(model, sample, image, text)
+        loss = image_reg + text_reg + contrastive
+        logged = image_reg.detach() + text_reg.detach() + share
+        return loss, sample["nsamples"], self.logging(sample, logged, [image_log, text_log, c_log])
+
+    def backward_in_turns(self, model, sample, backward, ignore_grad: bool = False) -> tuple:
+        """The training step's forward and backward with one modality's activations alive at a time: the captions'
+        embeddings first without autograd, the images' pass with the contrastive term (its gradient with respect
+        to the caption embeddings kept), then the captions' pass, whose backward takes that gradient. The same
+        gradient as ``forward`` (tested); one more forward of the captions through the student. ``backward``:
+        the optimizer's (``optimizer.backward``: loss scaling included)."""
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        with torch.no_grad():  # the student alone: the teacher's targets are not needed for the embedding
+            text_ahead = model.embed("text", sample["text"]["net_input"]["source"],
+                                     sample["text"]["net_input"].get("padding_mask"))
+        text_leaf = text_ahead.detach().requires_grad_(True)
+        image_reg, image, image_log = self.modality_part(model, sample, "image")
+        contrastive, share, c_log = self.contrastive_part(model, sample, image, text_leaf)
+        scale = 0.0 if ignore_grad else 1.0
+        first = (image_reg + contrastive) * scale
+        backward(first)
+        text_grad = text_leaf.grad
+        torch.set_rng_state(rng[0])  # the captions' pass draws what the look-ahead drew (drop path, dropout)
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        text_reg, text, text_log = self.modality_part(model, sample, "text")
+        second = text_reg * scale
+        if text_grad is not None:
+            second = second + (text * text_grad.to(text.dtype) / self.loss_scale(backward)).sum()
+        backward(second)
+        loss = (image_reg + contrastive + text_reg).detach()
+        logged = image_reg.detach() + text_reg.detach() + share
+        return loss, sample["nsamples"], self.logging(sample, logged, [image_log, text_log, c_log])
+
+    @staticmethod
+    def loss_scale(backward) -> float:
+        """The loss scale ``backward`` multiplies by (fairseq's fp16 optimizers), which the cached gradient carries."""
+        owner = getattr(backward, "__self__", None)
+        scaler = getattr(owner, "scaler", None)
+        return float(scaler.loss_scale) if scaler is not None else 1.0
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -68,7 +68,11 @@ def distillation_loss(distiller, out: dict, target_cfg: TargetConfig, include_ex
         teacher = regressed(out["teacher_layer_results"], distiller.num_extra_tokens, include_extra_tokens)
         target = make_targets(teacher, target_cfg, mask)
     pred = student_prediction(distiller, out, target_cfg, include_extra_tokens)
-    if mask is None:
+    if per_sample:
+        loss_sum = None  # below, from the per-sample squares
+        valid = None if mask is None else (~mask).unsqueeze(-1).to(pred.dtype)
+        sample_size = pred.numel() if mask is None else valid.sum() * pred.shape[-1]
+    elif mask is None:
         loss_sum = (pred - target).pow(2).sum()
         sample_size, valid = pred.numel(), None
     else:
@@ -76,11 +80,13 @@ def distillation_loss(distiller, out: dict, target_cfg: TargetConfig, include_ex
         loss_sum = ((pred - target).pow(2) * valid).sum()
         sample_size = valid.sum() * pred.shape[-1]
     extra = {}
-    if per_sample:
+    if per_sample:  # from the same squares (one saved difference tensor for backward, not two)
         squares = (pred - target).pow(2) if valid is None else (pred - target).pow(2) * valid
         counts = (torch.full((pred.shape[0],), float(pred[0].numel()), device=pred.device) if valid is None
                   else valid.sum((1, 2)) * pred.shape[-1])
-        extra["sample_mse"] = squares.sum((1, 2)) / counts.clamp_min(1)
+        per_item = squares.sum((1, 2))
+        extra["sample_mse"] = per_item / counts.clamp_min(1)
+        loss_sum = per_item.sum()
     with torch.no_grad():
         return {
             **extra,

@@ -194,7 +194,11 @@ class D2vKDImageTextTask(D2vKDMultimodalTask):
         return D2vKDTask.train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def forward_backward(self, sample, model, criterion, optimizer, update_num, ignore_grad):
-        return FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad)
+        """The criterion's step in turns (``backward_in_turns``): the gradient of the one-pass loss, with the peak
+        memory of the larger modality's pass rather than of both."""
+        model.train()
+        model.set_num_updates(update_num)
+        return criterion.backward_in_turns(model, sample, optimizer.backward, ignore_grad)
 
     @property
     def metric_prefixes(self) -> tuple:
