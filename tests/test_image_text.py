@@ -220,7 +220,7 @@ def run_args(pairs_root, tiny_teacher, text_teacher, *extra):
     return [f"task.pairs={pairs_root / 'train.json'}", f"task.valid_pairs={pairs_root / 'dataset_coco.json'}",
             f"task.text_dict={pairs_root / 'dict'}", f"model.image_teacher={tiny_teacher}",
             f"model.text_teacher={text_teacher}", f"task.cifar10_root={pairs_root / 'cifar'}", "task.cifar100_root=null",
-            "task.knn_k=5", "model.student_init=random", "optimization.lr=[0.003]", "model.projection_dim=32", *extra]
+            "task.knn_k=5", "model.student_init=random", "optimization.lr=[0.003]", *extra]
 
 
 def train(save, *args, **kw):

@@ -25,7 +25,8 @@ POOLINGS = {"image": ("cls", "mean"), "text": ("mean", "cls")}  # text "cls": th
 class Alignment(nn.Module):
     """Args:
         embed_dim: width of the student's features.
-        projection_dim: 0 for no head (the pooled features are the embedding), else a linear head per modality.
+        projection_dim: a linear head per modality to this width (-1: ``embed_dim``); 0 for none (the pooled features
+            are the embedding).
         pooling: modality -> ``"cls"`` or ``"mean"``.
         init_temperature: the temperature the learned logit scale starts from (CLIP: 0.07).
     """
@@ -37,8 +38,11 @@ class Alignment(nn.Module):
         for m, p in self.pooling.items():
             if m not in POOLINGS or p not in POOLINGS[m]:
                 raise ValueError(f"model.{m}_pooling={p}: use one of {POOLINGS.get(m, ())}")
+        if projection_dim == -1:
+            projection_dim = embed_dim
         if projection_dim < 0:
-            raise ValueError(f"model.projection_dim={projection_dim}: use 0 (no head) or the embedding width")
+            raise ValueError(f"model.projection_dim={projection_dim}: use -1 (a head of the student's width), a width, "
+                             "or 0 (no head)")
         if not init_temperature > 0:
             raise ValueError(f"model.init_temperature={init_temperature} must be positive (CLIP: 0.07)")
         self.embed_dim = projection_dim or embed_dim

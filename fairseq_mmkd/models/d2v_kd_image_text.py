@@ -32,9 +32,9 @@ class D2vKDImageTextModelConfig(FairseqDataclass):
         "help": "the regression terms' prediction: student layers normalised and averaged like the targets, or a "
                 "linear head per modality on the last student block"})
     drop_path: float = field(default=0.0, metadata={"help": "student stochastic depth (linear up to this rate)"})
-    projection_dim: int = field(default=0, metadata={
-        "help": "0: the pooled student features are the embedding; else a linear projection head per modality to "
-                "this width (CLIP, ALBEF)"})
+    projection_dim: int = field(default=-1, metadata={
+        "help": "a linear projection head per modality (CLIP, ALBEF): -1 of the student's width (measured: "
+                "docs/image_text.md), N of width N; 0: none, the pooled student features are the embedding"})
     image_pooling: ChoiceEnum(["cls", "mean"]) = field(default="cls", metadata={
         "help": "the image embedding: the CLS token, or the mean of the patch tokens"})
     text_pooling: ChoiceEnum(["mean", "cls"]) = field(default="mean", metadata={
