@@ -436,3 +436,21 @@ def test_the_training_step_in_turns_has_the_one_pass_gradient(pairs_root, tiny_t
     assert ga.keys() == gb.keys() and "alignment.logit_scale" in ga and "alignment.heads.text.weight" in ga
     for n in ga:  # float32 through the same graph pieces in another order: rounding only
         torch.testing.assert_close(gb[n], ga[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_fairseq_train_with_flags_trains_an_image_text_run_as_fairseq_hydra_train(tmp_path, pairs_root, tiny_teacher,
+                                                                                 text_teacher):
+    from conftest import assert_same_losses, assert_same_updates, learning_rates
+    from test_fairseq_cli import fairseq_tool, load, training_flags
+
+    common = [*run_args(pairs_root, tiny_teacher, text_teacher), "optimization.max_update=6", "common.log_interval=1",
+              "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
+              "checkpoint.maximize_best_checkpoint_metric=false"]
+    hydra = train(tmp_path / "hydra", *common)
+    cfg = load(tmp_path / "hydra" / "checkpoint_last.pt")["cfg"]
+    cfg["checkpoint"]["save_dir"] = str(tmp_path / "argparse")
+    proc = fairseq_tool("fairseq-train", *training_flags(cfg))
+    log_a, log_b = hydra.stdout + hydra.stderr, proc.stdout + proc.stderr
+    assert_same_losses(log_a, log_b)
+    assert_same_updates(load(tmp_path / "hydra" / "checkpoint_last.pt"), load(tmp_path / "argparse" / "checkpoint_last.pt"),
+                        learning_rates(log_a))
