@@ -10,7 +10,8 @@ Update: the same random image and text teachers, the same student (2 blocks at d
 batch of pairs (``--batch`` images and one caption each). ``kd_multimodal`` runs one forward/backward per modality
 (the regression terms alone); ``kd_image_text`` one forward of both, the regressions plus the contrastive term, one
 backward, in turns so that one modality's activations are alive at a time (``backward_in_turns``: the captions'
-embeddings first without autograd, then the images' pass, then the captions'). Each variant runs in its own process (``--worker``): steps/s after warm-up, and peak memory (CPU: the
+embeddings first without autograd, then the images' pass, then the captions'). Each variant runs in its own process
+(``--worker``): steps/s after warm-up, and peak memory (CPU: the
 process's peak RSS less its RSS once the models are built, coarse, and the peak of the activations autograd saves
 for backward, exact; GPU: ``torch.cuda.max_memory_allocated``).
 
@@ -309,7 +310,8 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "size": args.size, "device": args.device, "batch": args.batch,
            "depth": args.depth, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "threads": args.threads, "valid_images": args.valid_images, **best, "validation": valid,
-           "h200": h200_projection(args.valid_images, args.valid_images * 5, valid["tokens_text"] / (args.valid_images * 5)),
+           "h200": h200_projection(args.valid_images, args.valid_images * 5,
+                                   valid["tokens_text"] / (args.valid_images * 5)),
            "command": "python scripts/bench_image_text.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
     from bench import publish
 

@@ -454,3 +454,21 @@ def test_fairseq_train_with_flags_trains_an_image_text_run_as_fairseq_hydra_trai
     assert_same_losses(log_a, log_b)
     assert_same_updates(load(tmp_path / "hydra" / "checkpoint_last.pt"), load(tmp_path / "argparse" / "checkpoint_last.pt"),
                         learning_rates(log_a))
+
+
+def test_unreadable_images_are_skipped_counted_and_logged(tmp_path, pairs_root, tiny_teacher, text_teacher):
+    """A corrupt picture among the training pairs: replaced by the next readable one, counted (bad_images) and named
+    once in the log, within the image task's bad-file limit."""
+    import shutil
+
+    root = tmp_path / "pairs"
+    shutil.copytree(pairs_root / "images", root / "images")
+    shutil.copy(pairs_root / "train.json", root / "train.json")
+    (root / "images" / "train_0030.png").write_bytes(b"not a png at all")
+    args = [a for a in run_args(pairs_root, tiny_teacher, text_teacher) if not a.startswith("task.pairs")]
+    proc = train(tmp_path / "run", *args, f"task.pairs={root / 'train.json'}", "optimization.max_update=12",
+                 "common.log_interval=1", "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
+                 "checkpoint.maximize_best_checkpoint_metric=false", "task.max_bad_image_fraction=0.2")
+    out = proc.stdout + proc.stderr
+    assert "train_0030.png" in out
+    assert sum(float(r.get("bad_images", 0)) for r in json_log_lines(out, "train_inner")) >= 1

@@ -88,8 +88,9 @@ class CaptionTokenizer:
         d = self.dictionary
         ids = d.encode_line(self.words(caption), add_if_not_exist=False, append_eos=False).long()
         if len(ids) == 0 or bool((ids == d.unk()).all()):
+            hint = "" if self.bpe else "; set the GPT-2 BPE files if the teacher was trained on BPE"
             raise TextDataError(f"{where or 'a caption'}: {caption!r} has no token the text teacher's dictionary knows "
-                                f"({self.folder}/dict.txt){'' if self.bpe else '; set the GPT-2 BPE files if the teacher was trained on BPE'}")
+                                f"({self.folder}/dict.txt){hint}")
         ids = ids[:self.max_tokens - 2]
         return torch.cat([torch.tensor([d.bos()]), ids, torch.tensor([d.eos()])])
 

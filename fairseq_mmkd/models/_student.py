@@ -9,7 +9,8 @@ def load_student(path, device="cpu", trust_checkpoint: bool = False):
     """A trained ``d2v_kd`` (or ``d2v_kd_multimodal``) checkpoint as an eval-mode model (no teacher file needed).
 
     Reads the file with the plugin's safe loader, then lets fairseq rebuild the task and model exactly as
-    ``checkpoint_utils.load_model_ensemble_and_task`` would (importing this package registered them). A multimodal student is a ``D2vKDMultimodalModel``:
+    ``checkpoint_utils.load_model_ensemble_and_task`` would (importing this package registered them). A multimodal
+    student is a ``D2vKDMultimodalModel``:
     ``modalities``, and ``modality_model(m)`` for what the single-modality code reads of one of them.
     """
     from fairseq import tasks

@@ -69,11 +69,11 @@ class PairData:
     def __init__(self, cfg, train: bool = True):
         self.cfg = cfg
         if train and not cfg.pairs:
-            raise ValueError("task.pairs is not set: give the training pairs, a JSON list of {image, caption} (ALBEF/BLIP) "
-                             "or Karpathy's dataset_coco.json / dataset_flickr30k.json")
+            raise ValueError("task.pairs is not set: give the training pairs, a JSON list of {image, caption} "
+                             "(ALBEF/BLIP) or Karpathy's dataset_coco.json / dataset_flickr30k.json")
         if not cfg.text_dict:
-            raise ValueError("task.text_dict is not set: give the folder with the text teacher's dict.txt (nlp_base.pt: "
-                             "RoBERTa's dict.txt)")
+            raise ValueError("task.text_dict is not set: give the folder with the text teacher's dict.txt "
+                             "(nlp_base.pt: RoBERTa's dict.txt)")
         if cfg.crop_scale_min <= 0 or cfg.crop_scale_min > 1:
             raise ValueError(f"task.crop_scale_min={cfg.crop_scale_min} must be in (0, 1]")
         self.tokenizer = CaptionTokenizer(cfg.text_dict, cfg.bpe_encoder_json or None, cfg.bpe_vocab or None,

@@ -56,7 +56,8 @@ class _PairFields:
         "help": "folder with the text teacher's dict.txt (nlp_base.pt: RoBERTa's)"})
     bpe_encoder_json: Optional[str] = field(default=None, metadata={
         "help": "GPT-2 BPE encoder.json (local path) the text teacher's data was encoded with; null: whitespace words"})
-    bpe_vocab: Optional[str] = field(default=None, metadata={"help": "GPT-2 BPE vocab.bpe (local path), with the above"})
+    bpe_vocab: Optional[str] = field(default=None, metadata={
+        "help": "GPT-2 BPE vocab.bpe (local path), with the above"})
     max_caption_tokens: int = field(default=40, metadata={
         "help": "longest caption in tokens, <s> and </s> included (longer ones are cut)"})
     zeroshot: bool = field(default=True, metadata={
@@ -180,8 +181,8 @@ class D2vKDImageTextTask(D2vKDMultimodalTask):
             # shuffle of whole batches on top would make a step's pairs depend on the batch size per GPU, so that two
             # GPUs of B pairs would not see the B x 2 pairs that one GPU of 2B sees: it is turned off.
             if not self.cfg.rebuild_batches:
-                raise ValueError("task.rebuild_batches=false: image-text pairs are reshuffled by rebuilding the batches "
-                                 "every epoch; leave it true")
+                raise ValueError("task.rebuild_batches=false: image-text pairs are reshuffled by rebuilding the "
+                                 "batches every epoch; leave it true")
             ordered = itr.ordered_batches
             itr.ordered_batches = lambda epoch, fix_batches_to_gpus, shuffle: ordered(epoch, fix_batches_to_gpus, False)
         return itr

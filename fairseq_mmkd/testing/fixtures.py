@@ -190,7 +190,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "
           "pink": (245, 150, 190), "brown": (120, 70, 30)}
 SHAPES = ("square", "circle", "stripe")
 CAPTION_TEMPLATES = ("a {color} {shape}", "a {shape} that is {color}", "the {color} {shape} on grey",
-                     "one {color} {shape}", "a picture of a {color} {shape}", "{color} {shape}", "a big {color} {shape}")
+                     "one {color} {shape}", "a picture of a {color} {shape}", "{color} {shape}",
+                     "a big {color} {shape}")
 
 
 def draw_shape(color, shape: str, size: int = 40, rng=None):
@@ -285,7 +286,8 @@ def write_color_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_te
 
     def split(n):
         labels = np.arange(n) % 10
-        imgs = np.stack([np.asarray(draw_shape(COLORS[names[c]], SHAPES[i % 3], 32, rng)) for i, c in enumerate(labels)])
+        imgs = np.stack([np.asarray(draw_shape(COLORS[names[c]], SHAPES[i % 3], 32, rng))
+                         for i, c in enumerate(labels)])
         return imgs, labels.tolist()
 
     (tr, trl), (te, tel) = split(n_train), split(n_test)
