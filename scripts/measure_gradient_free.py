@@ -5,7 +5,7 @@
 
 With ``prediction=layer_average`` and data2vec 2.0's target recipe, the last student block's closing LayerNorm and
 its FFN output bias get no gradient by construction (``distill.gradient_free_parameters``, measured in
-``tests/test_gradient_free.py``), but they shape what retrieval embeds: the last block's output. The script runs
+``tests/training/test_gradient_free.py``), but they shape what retrieval embeds: the last block's output. The script runs
 the image demo's distillation twice, from the same seed and a student copied from the teacher's first blocks (the
 seed recipe's init): as the plugin does by default (those tensors frozen) and with
 ``model.optimize_gradient_free=true`` (in the optimizer with the rest, as before). It prints, per run, every

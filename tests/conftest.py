@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,129 @@ def json_log_lines(text: str, kind: str = "train_inner") -> list:
         except json.JSONDecodeError:
             pass
     return out
+
+
+# Two gloo workers on this machine (torchrun), as the distributed tests of every area run them.
+DISTRIBUTED = [
+    "distributed_training.distributed_world_size=2",
+    "distributed_training.distributed_backend=gloo",
+    "distributed_training.distributed_init_method=env://",
+    "distributed_training.distributed_no_spawn=true",
+    "distributed_training.distributed_rank=${oc.env:RANK}",
+    "distributed_training.ddp_backend=legacy_ddp",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher() -> list:
+    return [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_last(folder) -> dict:
+    return load(Path(folder) / "checkpoint_last.pt")
+
+
+def assert_same_training(one, two, a: dict, b: dict) -> None:
+    """The 2-process run ``two`` (checkpoint ``b``) did what the 1-process run ``one`` (``a``) did."""
+    out_one, out_two = one.stdout + one.stderr, two.stdout + two.stderr
+    assert_same_losses(out_one, out_two)
+    frozen = gradient_free_names(out_one)
+    assert frozen and frozen == gradient_free_names(out_two)
+    assert_same_updates(a, b, learning_rates(out_one), frozen)
+
+
+# fairseq's argparse tools (fairseq-train, fairseq-validate) with the plugin.
+PLUGIN = str(REPO / "fairseq_mmkd")
+CORE_GROUPS = ("common", "distributed_training", "dataset", "optimization", "checkpoint")
+COMPONENTS = ("task", "model", "criterion", "optimizer", "lr_scheduler")
+
+
+def group_defaults(group: str, cfg: dict) -> dict:
+    """field -> default of the dataclass behind ``cfg[group]`` (fairseq's for its core groups, the registered one
+    for the components)."""
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+    from fairseq.registry import REGISTRIES
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    if group in CORE_GROUPS:
+        dc = FairseqConfig.__dataclass_fields__[group].type
+    else:
+        registry = {"task": TASK_DATACLASS_REGISTRY, "model": MODEL_DATACLASS_REGISTRY}.get(group) or \
+            REGISTRIES[group]["dataclass_registry"]
+        dc = registry[cfg[group]["_name"]]
+    out = {}
+    for f in fields(dc):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out[f.name] = getattr(default, "value", default)
+    return out
+
+
+def training_flags(cfg: dict) -> list:
+    """fairseq-train's command line for the settings of a resolved config (a checkpoint's ``cfg``): the positional
+    DATA, the components, and a flag for every value that differs from its dataclass default."""
+    argv = [cfg["task"]["data"]] if cfg["task"].get("data") else []
+    argv += ["--task", cfg["task"]["_name"], "--arch", cfg["model"]["_name"], "--criterion",
+             cfg["criterion"]["_name"], "--optimizer", cfg["optimizer"]["_name"], "--lr-scheduler",
+             cfg["lr_scheduler"]["_name"]]
+    for group in CORE_GROUPS + COMPONENTS:
+        defaults = group_defaults(group, cfg)
+        for key, value in cfg[group].items():
+            default = defaults.get(key, value)
+            if key in ("_name", "data") or (isinstance(default, str) and default.startswith("${")):
+                continue
+            if value == (list(default) if isinstance(default, tuple) else default):
+                continue
+            flag = "--" + key.replace("_", "-")
+            assert value is not None and (not isinstance(value, bool) or default is not None), \
+                f"{group}.{key}={value} cannot be set by a flag"
+            if isinstance(value, bool):
+                argv.append(flag)  # store_true from False, store_false from True: naming it flips it
+            elif isinstance(value, (list, tuple)):
+                argv += [flag, ",".join(map(str, value))]
+            else:
+                argv += [flag, str(value)]
+    return argv
+
+
+def fairseq_tool(tool: str, *args, timeout=600, check=True):
+    proc = subprocess.run([str(BIN / tool), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def validate(checkpoint, *extra, task="d2v_kd", check=True):
+    proc = fairseq_tool("fairseq-validate", "--user-dir", PLUGIN, "--task", task, "--path", str(checkpoint),
+                        "--cpu", "--batch-size", "1", "--log-format", "json", *extra, check=check)
+    out = proc.stdout + proc.stderr
+    rows = json_log_lines(out, "valid")
+    assert rows, out[-3000:]
+    return rows[-1], out
+
+
+# The multimodal runs' tiny sizes (kd_multimodal and the tests that run it through fairseq's tools).
+TINY_MULTIMODAL = ["task.tokens_per_sample=16", "task.image_batch_size=8", "task.text_batch_size=8",
+                   "task.audio_batch_size=null", "task.audio_max_tokens=16000", "task.min_sample_size=800",
+                   "task.max_sample_size=2000", "dataset.batch_size=1"]
+
+
+def modality_args(setup, photo_folder, tiny_teacher, modalities=("image", "text", "audio")) -> list:
+    args = []
+    if "image" in modalities:
+        args += [f"task.image_data={photo_folder}", f"model.image_teacher={tiny_teacher}"]
+    for m in ("text", "audio"):
+        if m in modalities:
+            data, teacher = setup[m]
+            args += [f"task.{m}_data={data}", f"model.{m}_teacher={teacher}"]
+    return args

@@ -16,7 +16,7 @@ Same augmentation statistics as the CPU path (``image.train_transform``), by con
   (``resize_crops``); the result is clamped to [0, 255] and rounded as PIL does. PIL computes
   in 8-bit fixed point and rounds and clips between its horizontal and vertical passes; this path does so
   once, so pixels differ from PIL's by at most one grey level but for rare pixels at hard edges (measured:
-  mean 0.14 levels, 86% identical, max 3; ``tests/test_device_decode.py`` states the tolerance and why).
+  mean 0.14 levels, 86% identical, max 3; ``tests/image/test_device_decode.py`` states the tolerance and why).
 * Which files take this path: baseline or progressive JPEGs in RGB or greyscale that end with an EOI
   marker and are small enough that the CPU path would not shrink them (shorter side below
   ``2 * min_short_side``: all of ImageNet at 224 px but a few dozen photos) and within ``max_pixels``.

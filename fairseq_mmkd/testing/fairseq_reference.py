@@ -511,6 +511,14 @@ def fairseq_load_checkpoint(path):
     return state, model.eval()
 
 
+def fairseq_load_multimodal_checkpoint(path):
+    """``fairseq_load_checkpoint`` with data2vec2's ``multimodal_pretraining`` task registered (fairseq keeps it in
+    ``examples/data2vec/tasks/multimodal.py``, which its package ``__init__`` leaves out)."""
+    import_reference()
+    importlib.import_module("examples.data2vec.tasks.multimodal")
+    return fairseq_load_checkpoint(path)
+
+
 @contextlib.contextmanager
 def torch_load_without_weights_only():
     """fairseq passes no ``weights_only`` to ``torch.load``; torch >= 2.6 then defaults it to True and

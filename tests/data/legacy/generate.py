@@ -1,5 +1,5 @@
 """How the files in tests/data/legacy/ were made: training checkpoints written by the plugin before its package
-moved into role folders (the code of commit d17ae90), which tests/test_legacy_checkpoints.py loads, evaluates
+moved into role folders (the code of commit d17ae90), which tests/fairseq_tools/test_legacy_checkpoints.py loads, evaluates
 and resumes with today's code. Run once, from the repo root, with the code of that time:
 
     .venv/bin/python tests/data/legacy/generate.py

@@ -29,7 +29,7 @@ from fairseq_mmkd.retrieval import (AudioRetrievalSet, RetrievalDataError, TextR
                                     topk_accuracy)
 from fairseq_mmkd.retrieval.__main__ import main
 
-from conftest import write_audio_manifest, write_photos
+from conftest import write_audio_manifest, write_photos, write_tiny_cifar
 
 TOPICS = {  # three classes whose sentences share a topic vocabulary (separable by their words)
     "animals": "cat dog horse cow sheep bird fish mouse lion tiger".split(),
@@ -451,9 +451,7 @@ def test_cli_evaluates_a_teacher_file_and_records_the_protocol(modality, glue, s
 
 
 def test_cli_refuses_sets_of_another_modality_in_one_line(glue, sounds, text_teacher, audio_teacher, tmp_path, capsys):
-    from test_retrieval_cli import write_colour_cifar
-
-    write_colour_cifar(tmp_path, "cifar10", 6, 3)
+    write_tiny_cifar(tmp_path, "cifar10", 3, n_train=6, n_test=3)
     cases = [(["--checkpoint", str(text_teacher), "--cifar10", str(tmp_path)],
               "--cifar10 is an image set, but"),
              (["--checkpoint", str(audio_teacher), "--folder", str(glue[0])],

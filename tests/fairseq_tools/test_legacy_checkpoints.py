@@ -13,7 +13,7 @@ import torch
 from conftest import (REPO, hydra_train, json_log_lines, make_text_corpus, write_photos,
                       write_tiny_cifar)
 
-LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
+LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
 RUNS = {"image": None, "multimodal": "image"}  # checkpoint -> the modality its retrieval was evaluated on
 

@@ -182,7 +182,6 @@ def test_zero_shot_prototypes_and_accuracy_match_a_direct_computation():
     g = torch.Generator().manual_seed(1)
     table = torch.randn(50, 16, generator=g)
     names = ["cat", "dog", "car"]
-    prompts = [t.format(n) for n in names for t in CIFAR_TEMPLATES]
 
     def embed(texts):
         return torch.stack([table[sum(map(ord, t)) % 50] + table[len(t) % 50] for t in texts])
@@ -318,7 +317,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, pairs_root
     """Negatives gathered from every worker: 2 gloo workers of 8 pairs train as one of 16 (same losses and weights),
     here from Karpathy's training splits (train + restval)."""
     from conftest import assert_same_losses, assert_same_updates, learning_rates
-    from test_distributed import DISTRIBUTED, launcher, load_last
+    from conftest import DISTRIBUTED, launcher, load_last
 
     common = [*run_args(pairs_root, tiny_teacher, text_teacher), f"task.pairs={pairs_root / 'dataset_coco.json'}",
               "optimization.max_update=6", "dataset.validate_interval_updates=6", "common.log_interval=1",
@@ -356,7 +355,7 @@ def test_resume_is_exact(tmp_path, pairs_root, tiny_teacher, text_teacher):
 def test_the_aligned_student_exports_to_one_file_that_load_d2v_and_fairseq_read(trained, pairs_root, tmp_path):
     """Both encoders, the stack, the heads and the scale in one data2vec_multi file: load_d2v reads each modality,
     fairseq's own loader reads the file, and AlignedEncoders embeds images and captions as the student did."""
-    from test_multimodal_export import fairseq_model_of
+    from fairseq_mmkd.testing.fairseq_reference import fairseq_load_multimodal_checkpoint
 
     from fairseq_mmkd import load_d2v
     from fairseq_mmkd.distill.alignment import AlignedEncoders
@@ -370,7 +369,7 @@ def test_the_aligned_student_exports_to_one_file_that_load_d2v_and_fairseq_read(
     state = torch.load(out, map_location="cpu", weights_only=True)
     assert state["cfg"]["model"]["_name"] == "data2vec_multi" and set(state["alignment"]["heads"]) == {"image", "text"}
     assert load_d2v(out, modality="image").cfg.depth == load_d2v(out, modality="text").cfg.depth == 2
-    _, fairseq_model = fairseq_model_of(out)
+    _, fairseq_model = fairseq_load_multimodal_checkpoint(out)
     assert {"IMAGE", "TEXT"} <= set(fairseq_model.modality_encoders)
     student = load_student(save / "checkpoint_last.pt")
     enc = AlignedEncoders.from_file(out)
@@ -390,7 +389,7 @@ def test_the_aligned_student_exports_to_one_file_that_load_d2v_and_fairseq_read(
 
 
 def test_fairseq_validate_prints_the_zero_shot_metrics_of_an_image_text_checkpoint(trained):
-    from test_fairseq_cli import validate
+    from conftest import validate
 
     save, log = trained
     valid, out = validate(save / "checkpoint_last.pt", task="d2v_kd_image_text")
@@ -441,7 +440,7 @@ def test_the_training_step_in_turns_has_the_one_pass_gradient(pairs_root, tiny_t
 def test_fairseq_train_with_flags_trains_an_image_text_run_as_fairseq_hydra_train(tmp_path, pairs_root, tiny_teacher,
                                                                                  text_teacher):
     from conftest import assert_same_losses, assert_same_updates, learning_rates
-    from test_fairseq_cli import fairseq_tool, load, training_flags
+    from conftest import fairseq_tool, load, training_flags
 
     common = [*run_args(pairs_root, tiny_teacher, text_teacher), "optimization.max_update=6", "common.log_interval=1",
               "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",

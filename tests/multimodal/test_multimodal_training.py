@@ -5,31 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (assert_same_losses, assert_same_updates, gradient_free_names, hydra_train, json_log_lines,
-                      learning_rates, make_sequence_teacher)
+from conftest import (TINY_MULTIMODAL, assert_same_losses, assert_same_updates, gradient_free_names, hydra_train,
+                      json_log_lines, learning_rates, make_sequence_teacher, modality_args)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # what makes the tiny runs tiny, on top of preset=tiny (the per-modality batch sizes of SIZES)
-TINY = ["task.tokens_per_sample=16", "task.image_batch_size=8", "task.text_batch_size=8", "task.audio_batch_size=null",
-        "task.audio_max_tokens=16000", "task.min_sample_size=800", "task.max_sample_size=2000", "dataset.batch_size=1"]
 NO_RETRIEVAL = ["task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
                 "checkpoint.maximize_best_checkpoint_metric=false"]
 
 
-def modality_args(setup, photo_folder, tiny_teacher, modalities=("image", "text", "audio")) -> list:
-    args = []
-    if "image" in modalities:
-        args += [f"task.image_data={photo_folder}", f"model.image_teacher={tiny_teacher}"]
-    for m in ("text", "audio"):
-        if m in modalities:
-            data, teacher = setup[m]
-            args += [f"task.{m}_data={data}", f"model.{m}_teacher={teacher}"]
-    return args
-
-
 def train(save, *overrides, **kwargs):
-    return hydra_train(save, *TINY, *overrides, config="kd_multimodal", **kwargs)
+    return hydra_train(save, *TINY_MULTIMODAL, *overrides, config="kd_multimodal", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +112,7 @@ def test_resume_is_exact(tmp_path, sequence_setup, photo_folder, tiny_teacher):
 
 
 def test_two_processes_agree_with_one(tmp_path, sequence_setup, photo_folder, tiny_teacher):
-    from test_distributed import DISTRIBUTED, assert_same_training, launcher, load_last
+    from conftest import DISTRIBUTED, assert_same_training, launcher, load_last
 
     common = [*modality_args(sequence_setup, photo_folder, tiny_teacher), "optimization.max_update=6",
               "dataset.validate_interval_updates=6", "model.student_init=random", "common.log_interval=1",

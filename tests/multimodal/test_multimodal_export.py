@@ -3,7 +3,6 @@ text and audio teachers, whose files are deleted after training), read back with
 multimodal and as single-modality data2vec 2.0 files, and evaluated by the command lines with ``--modality``."""
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import torch
 
 from fairseq_mmkd import CheckpointError, load_d2v
 from fairseq_mmkd.models._student import load_student
+from fairseq_mmkd.testing.fairseq_reference import fairseq_load_multimodal_checkpoint
 
 from conftest import REPO, dictionary_size, hydra_train, make_teacher
 
@@ -87,16 +87,6 @@ def student_features(student, modality, source, padding_mask):
     """The student's features and their padding mask at sequence resolution (None: nothing padded)."""
     with torch.no_grad():
         return student.modality_model(modality).distiller.features(source, padding_mask)
-
-
-def fairseq_model_of(path):
-    """fairseq's own loader (``from_checkpoint=True``), with data2vec2's ``multimodal_pretraining`` task registered
-    (fairseq keeps it in ``examples/data2vec/tasks/multimodal.py``, which its package ``__init__`` leaves out)."""
-    from fairseq_mmkd.testing.fairseq_reference import fairseq_load_checkpoint, import_reference
-
-    import_reference()
-    importlib.import_module("examples.data2vec.tasks.multimodal")
-    return fairseq_load_checkpoint(path)
 
 
 def fairseq_features(model, modality, source, padding_mask):
@@ -170,7 +160,7 @@ def test_multimodal_export_runs_every_modality_as_the_student(run, student, expo
 
 
 def test_fairseq_reads_the_multimodal_file(run, student, exported):
-    state, model = fairseq_model_of(exported.path)
+    state, model = fairseq_load_multimodal_checkpoint(exported.path)
     assert sorted(model.modality_encoders) == ["AUDIO", "IMAGE", "TEXT"]
     for m in MODALITIES:
         source, padding_mask = batch(m, run.vocab)
@@ -196,7 +186,7 @@ def test_single_modality_export_is_a_file_fairseq_loads(run, student, modality, 
     expected = student_features(student, modality, source, padding_mask)
     with torch.no_grad():
         torch.testing.assert_close(load_d2v(out)(source, padding_mask)["x"], expected[0], rtol=0, atol=0)
-    file_state, fairseq_model = fairseq_model_of(out)
+    file_state, fairseq_model = fairseq_load_multimodal_checkpoint(out)
     assert_fairseq_matches(fairseq_model, file_state["cfg"]["model"], modality, expected, source, padding_mask)
 
 
@@ -319,5 +309,5 @@ def test_per_layer_alibi_scales_follow_the_student_blocks_into_the_export(tmp_pa
     with torch.no_grad():
         expected = distiller.features(source, padding_mask)
         torch.testing.assert_close(load_d2v(path)(source, padding_mask)["x"], expected[0], rtol=0, atol=0)
-    state, fairseq_model = fairseq_model_of(path)
+    state, fairseq_model = fairseq_load_multimodal_checkpoint(path)
     assert_fairseq_matches(fairseq_model, state["cfg"]["model"], "audio", expected, source, padding_mask)

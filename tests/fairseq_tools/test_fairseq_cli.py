@@ -5,7 +5,6 @@ and turn the parsed flags back into a config (``convert_namespace_to_omegaconf``
 registers must survive both, or every argparse tool is closed to it.
 """
 import json
-import os
 import subprocess
 import sys
 from argparse import ArgumentParser
@@ -16,11 +15,8 @@ import pytest
 import torch
 
 import fairseq_mmkd  # noqa: F401  (registers the plugin)
-from conftest import (BIN, REPO, assert_same_losses, assert_same_updates, gradient_free_names, hydra_train,
-                      json_log_lines, learning_rates, write_tiny_cifar)
-
-PLUGIN = str(REPO / "fairseq_mmkd")
-
+from conftest import (PLUGIN, REPO, assert_same_losses, assert_same_updates, fairseq_tool, gradient_free_names,
+                      hydra_train, json_log_lines, learning_rates, load, training_flags, validate, write_tiny_cifar)
 
 def registered():
     """(registry, name, dataclass) of every component this plugin registers with fairseq."""
@@ -104,66 +100,6 @@ def test_modality_weights_that_are_not_a_mapping_are_one_line():
         parse_modality_weights("image=1")
 
 
-CORE_GROUPS = ("common", "distributed_training", "dataset", "optimization", "checkpoint")
-COMPONENTS = ("task", "model", "criterion", "optimizer", "lr_scheduler")
-
-
-def group_defaults(group: str, cfg: dict) -> dict:
-    """field -> default of the dataclass behind ``cfg[group]`` (fairseq's for its core groups, the registered one
-    for the components)."""
-    from fairseq.dataclass.configs import FairseqConfig
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-    from fairseq.registry import REGISTRIES
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
-    if group in CORE_GROUPS:
-        dc = FairseqConfig.__dataclass_fields__[group].type
-    else:
-        registry = {"task": TASK_DATACLASS_REGISTRY, "model": MODEL_DATACLASS_REGISTRY}.get(group) or \
-            REGISTRIES[group]["dataclass_registry"]
-        dc = registry[cfg[group]["_name"]]
-    out = {}
-    for f in fields(dc):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        out[f.name] = getattr(default, "value", default)
-    return out
-
-
-def training_flags(cfg: dict) -> list:
-    """fairseq-train's command line for the settings of a resolved config (a checkpoint's ``cfg``): the positional
-    DATA, the components, and a flag for every value that differs from its dataclass default."""
-    argv = [cfg["task"]["data"]] if cfg["task"].get("data") else []
-    argv += ["--task", cfg["task"]["_name"], "--arch", cfg["model"]["_name"], "--criterion",
-             cfg["criterion"]["_name"], "--optimizer", cfg["optimizer"]["_name"], "--lr-scheduler",
-             cfg["lr_scheduler"]["_name"]]
-    for group in CORE_GROUPS + COMPONENTS:
-        defaults = group_defaults(group, cfg)
-        for key, value in cfg[group].items():
-            default = defaults.get(key, value)
-            if key in ("_name", "data") or (isinstance(default, str) and default.startswith("${")):
-                continue
-            if value == (list(default) if isinstance(default, tuple) else default):
-                continue
-            flag = "--" + key.replace("_", "-")
-            assert value is not None and (not isinstance(value, bool) or default is not None), \
-                f"{group}.{key}={value} cannot be set by a flag"
-            if isinstance(value, bool):
-                argv.append(flag)  # store_true from False, store_false from True: naming it flips it
-            elif isinstance(value, (list, tuple)):
-                argv += [flag, ",".join(map(str, value))]
-            else:
-                argv += [flag, str(value)]
-    return argv
-
-
-def fairseq_tool(tool: str, *args, timeout=600, check=True):
-    proc = subprocess.run([str(BIN / tool), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def hydra_run(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
     save = tmp_path_factory.mktemp("fairseq_cli") / "hydra"
@@ -173,10 +109,6 @@ def hydra_run(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
                        "checkpoint.save_interval_updates=5", "checkpoint.keep_interval_updates=2",
                        "common.log_interval=1")
     return save, proc.stdout + proc.stderr
-
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_fairseq_train_with_flags_trains_exactly_as_fairseq_hydra_train(hydra_run, tmp_path):
@@ -200,15 +132,6 @@ def test_fairseq_train_with_flags_trains_exactly_as_fairseq_hydra_train(hydra_ru
         stored = [{k: _betas(v) if k == "adam_betas" else v for k, v in run["cfg"][key].items() if k != "save_dir"}
                   for run in (a, b)]  # betas: a list from YAML, the flag's string "0.9,0.98" from argparse
         assert stored[0] == stored[1], key
-
-
-def validate(checkpoint, *extra, task="d2v_kd", check=True):
-    proc = fairseq_tool("fairseq-validate", "--user-dir", PLUGIN, "--task", task, "--path", str(checkpoint),
-                        "--cpu", "--batch-size", "1", "--log-format", "json", *extra, check=check)
-    out = proc.stdout + proc.stderr
-    rows = json_log_lines(out, "valid")
-    assert rows, out[-3000:]
-    return rows[-1], out
 
 
 def retrieval_cli(checkpoint, out_json, *sets) -> dict:
@@ -294,10 +217,10 @@ def test_multimodal_runs_through_fairseq_train_and_fairseq_validate(tmp_path, se
                                                                    tiny_teacher, tiny_cifar, retrieval_folders):
     """d2v_kd_multimodal (image and text teachers): fairseq-train from flags trains as fairseq-hydra-train, and
     fairseq-validate prints every modality's loss and retrieval, the same as the run's own validation."""
-    from test_multimodal_training import TINY, modality_args
+    from conftest import TINY_MULTIMODAL, modality_args
 
     text_folder = retrieval_folders["text"]
-    proc = hydra_train(tmp_path / "hydra", *TINY, *modality_args(sequence_setup, photo_folder, tiny_teacher,
+    proc = hydra_train(tmp_path / "hydra", *TINY_MULTIMODAL, *modality_args(sequence_setup, photo_folder, tiny_teacher,
                                                                 ("image", "text")),
                        f"task.cifar10_root={tiny_cifar}", f"task.text_retrieval_folder={text_folder}",
                        "task.cifar100_root=null", "checkpoint.best_checkpoint_metric=cifar10_top1",

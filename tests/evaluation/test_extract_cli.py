@@ -13,7 +13,7 @@ import torch
 from fairseq_mmkd.extract import main
 from fairseq_mmkd.testing.fairseq_reference import reference_outputs, write_reference_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HIDDEN = ("fairseq", "faiss", "omegaconf", "hydra")
 CORE_MODULES = ("fairseq_mmkd.d2v.model", "fairseq_mmkd.modules.layers", "fairseq_mmkd.distill.distiller",
                 "fairseq_mmkd.losses.regression", "fairseq_mmkd.modules.targets", "fairseq_mmkd.retrieval.evaluate", "fairseq_mmkd.retrieval.search",

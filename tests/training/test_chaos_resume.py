@@ -10,7 +10,7 @@ end-of-epoch save that file is ``checkpoint_last.pt`` itself. At an interval sav
 ``checkpoint_last.pt`` and every restart fails to load it. The plugin makes that copy atomic
 (``fairseq_mmkd.runtime.guards.install_checkpoint_file_guards``); ``test_checkpoint_copy_is_atomic`` shows both
 behaviours. The plugin also writes the first file itself (same ``.tmp`` + rename, plus an fsync) so that a
-failed write can be cleaned up (``tests/test_save_dir.py``).
+failed write can be cleaned up (``tests/training/test_save_dir.py``).
 
 Why the resumed run is exact, although fairseq resumes mid-epoch from interval checkpoints: the checkpoint
 records the position in the epoch (fairseq skips the batches already consumed), every epoch's shuffle is

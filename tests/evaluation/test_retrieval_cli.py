@@ -17,7 +17,7 @@ from fairseq_mmkd.encoders.image import ImageEncoderConfig
 from fairseq_mmkd.retrieval import metric_names, write_cifar
 from fairseq_mmkd.retrieval.__main__ import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_colour_cifar(root, name, n_train, n_test, classes=3, seed=0):

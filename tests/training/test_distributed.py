@@ -6,36 +6,14 @@ the run's own learning rates (``conftest.assert_same_updates``). Both checks fai
 data (``test_a_worker_on_other_data_is_caught``)."""
 from __future__ import annotations
 
-import socket
-
 import pytest
-import torch
 
-from conftest import (BIN, args_for, assert_same_losses, assert_same_updates, gradient_free_names, hydra_train,
-                      json_log_lines, learning_rates, write_photos)
-
-DISTRIBUTED = [
-    "distributed_training.distributed_world_size=2",
-    "distributed_training.distributed_backend=gloo",
-    "distributed_training.distributed_init_method=env://",
-    "distributed_training.distributed_no_spawn=true",
-    "distributed_training.distributed_rank=${oc.env:RANK}",
-    "distributed_training.ddp_backend=legacy_ddp",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from conftest import (DISTRIBUTED, args_for, assert_same_losses, assert_same_training, assert_same_updates,
+                      gradient_free_names, hydra_train, json_log_lines, launcher, learning_rates, load_last,
+                      write_photos)
 
 COMMON = ["optimization.max_update=12", "dataset.validate_interval_updates=12", "model.student_init=random",
           "dataset.batch_size=4", "common.log_interval=1"]
-
-
-def launcher() -> list:
-    return [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +26,6 @@ def runs(tmp_path_factory, tiny_teacher, photo_folder, tiny_cifar):
     one = hydra_train(tmp / "one", *common, "optimization.update_freq=[2]")
     two = hydra_train(tmp / "two", *common, *DISTRIBUTED, launcher=launcher(), env={"MASTER_ADDR": "127.0.0.1"})
     return tmp, common, one, two
-
-
-def load_last(folder) -> dict:
-    return torch.load(folder / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-
-
-def assert_same_training(one, two, a: dict, b: dict) -> None:
-    """The 2-process run ``two`` (checkpoint ``b``) did what the 1-process run ``one`` (``a``) did."""
-    out_one, out_two = one.stdout + one.stderr, two.stdout + two.stderr
-    assert_same_losses(out_one, out_two)
-    frozen = gradient_free_names(out_one)
-    assert frozen and frozen == gradient_free_names(out_two)
-    assert_same_updates(a, b, learning_rates(out_one), frozen)
 
 
 def test_two_processes_agree_with_one(runs):

@@ -140,3 +140,22 @@ def test_scripts_use_the_installed_package(path):
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {m for m in imported if m.split(".")[0] in ("conftest", "tests") or m.startswith("test_")}, path.name
+
+
+TEST_FILES = sorted((REPO / "tests").glob("*/test_*.py"))
+
+
+def test_tests_are_grouped_by_area_and_share_helpers_through_conftest():
+    """Every test file sits in an area folder; it imports another test file only from its own folder (what areas
+    share lives in tests/conftest.py or fairseq_mmkd/testing), and no two files share a name (pytest's rootdir
+    import mode needs unique basenames)."""
+    assert not list((REPO / "tests").glob("test_*.py")), "test files belong in an area folder of tests/"
+    assert len({p.name for p in TEST_FILES}) == len(TEST_FILES)
+    crossing = []
+    for path in TEST_FILES:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        crossing += [f"{path.relative_to(REPO)} imports {m}" for m in sorted(names)
+                     if m.startswith("test_") and not (path.parent / f"{m}.py").exists()]
+    assert not crossing, crossing
