@@ -11,7 +11,8 @@ setup(
     # torchaudio requirement would pull a second torch. Install it yourself, after this package (README,
     # "Install into your own environment"): pip install --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
     # hydra-core and omegaconf are pinned to what fairseq-fixed pins (and this project tests): a range here let
-    # pip pick newer releases that fairseq-fixed's metadata refuses (tests/fairseq_tools/test_fairseq_cli.py checks the pins).
+    # pip pick newer releases that fairseq-fixed's metadata refuses (tests/fairseq_tools/test_fairseq_cli.py checks
+    # the pins).
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

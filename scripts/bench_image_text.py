@@ -11,9 +11,9 @@ batch of pairs (``--batch`` images and one caption each). ``kd_multimodal`` runs
 (the regression terms alone); ``kd_image_text`` one forward of both, the regressions plus the contrastive term, one
 backward, in turns so that one modality's activations are alive at a time (``backward_in_turns``: the captions'
 embeddings first without autograd, then the images' pass, then the captions'). Each variant runs in its own process
-(``--worker``): steps/s after warm-up, and peak memory (CPU: the
-process's peak RSS less its RSS once the models are built, coarse, and the peak of the activations autograd saves
-for backward, exact; GPU: ``torch.cuda.max_memory_allocated``).
+(``--worker``): steps/s after warm-up, and peak memory (CPU: the process's peak RSS less its RSS once the models are
+built, coarse, and the peak of the activations autograd saves for backward, exact; GPU:
+``torch.cuda.max_memory_allocated``).
 
 Validation: the zero-shot retrieval of ``--valid-images`` images with five captions each (COCO's 5,000 and 25,000 by
 default) and the ranking, timed on this machine at this size, plus what the same work costs at base size on the

@@ -5,9 +5,9 @@
 
 With ``prediction=layer_average`` and data2vec 2.0's target recipe, the last student block's closing LayerNorm and
 its FFN output bias get no gradient by construction (``distill.gradient_free_parameters``, measured in
-``tests/training/test_gradient_free.py``), but they shape what retrieval embeds: the last block's output. The script runs
-the image demo's distillation twice, from the same seed and a student copied from the teacher's first blocks (the
-seed recipe's init): as the plugin does by default (those tensors frozen) and with
+``tests/training/test_gradient_free.py``), but they shape what retrieval embeds: the last block's output. The script
+runs the image demo's distillation twice, from the same seed and a student copied from the teacher's first blocks
+(the seed recipe's init): as the plugin does by default (those tensors frozen) and with
 ``model.optimize_gradient_free=true`` (in the optimizer with the rest, as before). It prints, per run, every
 logged training loss (equal when the frozen tensors cannot touch the objective), the final retrieval metrics,
 how far each gradient-free tensor moved from its initial value, and the largest difference of every other

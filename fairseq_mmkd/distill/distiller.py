@@ -100,8 +100,8 @@ def gradient_free_parameters(distiller: "Distiller", target_cfg: TargetConfig) -
         the last block's target (``mlp.fc2.bias``; ``norm2.bias`` for post-LN end-of-block targets) gets an exact
         gradient of 0 (in floats: rounding residue, which Adam's normalisation would turn into full-size steps).
     A bias of an earlier block also reaches the later blocks through the residual stream, so it learns. With
-    ``prediction="head"`` every student parameter learns. ``tests/training/test_gradient_free.py`` measures the gradients
-    of a sweep of recipes and block types against this rule.
+    ``prediction="head"`` every student parameter learns. ``tests/training/test_gradient_free.py`` measures the
+    gradients of a sweep of recipes and block types against this rule.
     """
     if distiller.prediction != "layer_average":
         return []

@@ -16,8 +16,8 @@ TEACHER_PREFIX = "distiller.teacher_blocks."
 
 GRADIENT_FREE_HELP = (
     "keep the student parameters that the loss gives no gradient by construction "
-    "(distill.distiller.gradient_free_parameters: with layer_average, the last block's closing LayerNorm and its FFN output bias) in the optimizer, as runs "
-    "started before they were frozen did; only for resuming such a run exactly (false: they keep their initial "
+    "(distill.distiller.gradient_free_parameters: with layer_average, the last block's closing LayerNorm and its "
+    "FFN output bias) in the optimizer, as runs started before they were frozen did; only for resuming such a run exactly (false: they keep their initial "
     "values, which Adam and weight decay would otherwise move with rounding noise)")
 
 

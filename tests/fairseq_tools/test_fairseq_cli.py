@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import fairseq_mmkd  # noqa: F401  (registers the plugin)
-from conftest import (PLUGIN, REPO, assert_same_losses, assert_same_updates, fairseq_tool, gradient_free_names,
-                      hydra_train, json_log_lines, learning_rates, load, training_flags, validate, write_tiny_cifar)
+from conftest import (PLUGIN, REPO, TINY_MULTIMODAL, assert_same_losses, assert_same_updates, fairseq_tool,
+                      gradient_free_names, hydra_train, json_log_lines, learning_rates, load, modality_args,
+                      training_flags, validate, write_tiny_cifar)
+
 
 def registered():
     """(registry, name, dataclass) of every component this plugin registers with fairseq."""
@@ -217,11 +219,9 @@ def test_multimodal_runs_through_fairseq_train_and_fairseq_validate(tmp_path, se
                                                                    tiny_teacher, tiny_cifar, retrieval_folders):
     """d2v_kd_multimodal (image and text teachers): fairseq-train from flags trains as fairseq-hydra-train, and
     fairseq-validate prints every modality's loss and retrieval, the same as the run's own validation."""
-    from conftest import TINY_MULTIMODAL, modality_args
-
     text_folder = retrieval_folders["text"]
-    proc = hydra_train(tmp_path / "hydra", *TINY_MULTIMODAL, *modality_args(sequence_setup, photo_folder, tiny_teacher,
-                                                                ("image", "text")),
+    proc = hydra_train(tmp_path / "hydra", *TINY_MULTIMODAL,
+                       *modality_args(sequence_setup, photo_folder, tiny_teacher, ("image", "text")),
                        f"task.cifar10_root={tiny_cifar}", f"task.text_retrieval_folder={text_folder}",
                        "task.cifar100_root=null", "checkpoint.best_checkpoint_metric=cifar10_top1",
                        "task.knn_k=3", "optimization.max_update=6", "dataset.validate_interval_updates=6",

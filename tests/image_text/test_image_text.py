@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, hydra_train, json_log_lines
+from conftest import (DISTRIBUTED, REPO, assert_same_losses, assert_same_updates, fairseq_tool, hydra_train,
+                      json_log_lines, launcher, learning_rates, load, load_last, training_flags, validate)
 from fairseq_mmkd.data.captions import CaptionTokenizer, pad_captions
 from fairseq_mmkd.data.pairs import PairsError, read_pairs
 from fairseq_mmkd.data.text import TextDataError
@@ -316,9 +317,6 @@ def test_bad_inputs_stop_before_training_in_one_line(case, message, tmp_path, pa
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, pairs_root, tiny_teacher, text_teacher):
     """Negatives gathered from every worker: 2 gloo workers of 8 pairs train as one of 16 (same losses and weights),
     here from Karpathy's training splits (train + restval)."""
-    from conftest import assert_same_losses, assert_same_updates, learning_rates
-    from conftest import DISTRIBUTED, launcher, load_last
-
     common = [*run_args(pairs_root, tiny_teacher, text_teacher), f"task.pairs={pairs_root / 'dataset_coco.json'}",
               "optimization.max_update=6", "dataset.validate_interval_updates=6", "common.log_interval=1",
               "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
@@ -337,8 +335,6 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, pairs_root
 
 
 def test_resume_is_exact(tmp_path, pairs_root, tiny_teacher, text_teacher):
-    from conftest import assert_same_updates, learning_rates
-
     common = [*run_args(pairs_root, tiny_teacher, text_teacher), "lr_scheduler.max_update=14", "common.log_interval=1",
               "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
               "checkpoint.maximize_best_checkpoint_metric=false", "checkpoint.save_interval_updates=5"]
@@ -389,8 +385,6 @@ def test_the_aligned_student_exports_to_one_file_that_load_d2v_and_fairseq_read(
 
 
 def test_fairseq_validate_prints_the_zero_shot_metrics_of_an_image_text_checkpoint(trained):
-    from conftest import validate
-
     save, log = trained
     valid, out = validate(save / "checkpoint_last.pt", task="d2v_kd_image_text")
     trained_valid = json_log_lines(log, "valid")[-1]
@@ -439,9 +433,6 @@ def test_the_training_step_in_turns_has_the_one_pass_gradient(pairs_root, tiny_t
 
 def test_fairseq_train_with_flags_trains_an_image_text_run_as_fairseq_hydra_train(tmp_path, pairs_root, tiny_teacher,
                                                                                  text_teacher):
-    from conftest import assert_same_losses, assert_same_updates, learning_rates
-    from conftest import fairseq_tool, load, training_flags
-
     common = [*run_args(pairs_root, tiny_teacher, text_teacher), "optimization.max_update=6", "common.log_interval=1",
               "task.retrieval=false", "checkpoint.best_checkpoint_metric=loss",
               "checkpoint.maximize_best_checkpoint_metric=false"]

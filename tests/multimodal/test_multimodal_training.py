@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (TINY_MULTIMODAL, assert_same_losses, assert_same_updates, gradient_free_names, hydra_train,
-                      json_log_lines, learning_rates, make_sequence_teacher, modality_args)
+from conftest import (DISTRIBUTED, TINY_MULTIMODAL, assert_same_losses, assert_same_training, assert_same_updates,
+                      gradient_free_names, hydra_train, json_log_lines, launcher, learning_rates, load_last,
+                      make_sequence_teacher, modality_args)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -112,8 +113,6 @@ def test_resume_is_exact(tmp_path, sequence_setup, photo_folder, tiny_teacher):
 
 
 def test_two_processes_agree_with_one(tmp_path, sequence_setup, photo_folder, tiny_teacher):
-    from conftest import DISTRIBUTED, assert_same_training, launcher, load_last
-
     common = [*modality_args(sequence_setup, photo_folder, tiny_teacher), "optimization.max_update=6",
               "dataset.validate_interval_updates=6", "model.student_init=random", "common.log_interval=1",
               *NO_RETRIEVAL]
